@@ -1,0 +1,1 @@
+"""Lucerna core: what every service shares (settings, logging, metrics, messaging, storage ports)."""

@@ -1,0 +1,55 @@
+"""What a deployable is to the runtime: routes to mount, background work to start and stop.
+
+Deployables register an entry point in the ``lucerna.services`` group; ``lucerna up`` runs all of
+them in one process, ``lucerna serve <name>`` runs one. No service relies on sharing a process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Protocol
+
+from starlette.routing import BaseRoute
+
+from lucerna.core.auth import Authenticator
+from lucerna.core.events.ports import MessageBus
+from lucerna.core.settings import CoreSettings
+from lucerna.core.storage.ports import BlobStore, MetadataStore, SearchIndex
+
+
+@dataclass
+class Resources:
+    """The adapters a process shares between its services (built by ``bootstrap``)."""
+
+    settings: CoreSettings
+    auth: Authenticator
+    bus: MessageBus
+    blobs: BlobStore
+    metadata: MetadataStore
+    search: SearchIndex
+
+
+class Service(Protocol):
+    """A deployable: its HTTP routes and its background work (listeners, loops, consumers)."""
+
+    name: str
+
+    def routes(self, resources: Resources) -> Sequence[BaseRoute]: ...
+
+    async def start(self, resources: Resources) -> None:
+        """Start background work; return once it is running."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop background work, finishing or handing back what is in flight."""
+        ...
+
+
+def discover() -> dict[str, Service]:
+    """The installed deployables by name."""
+    found: dict[str, Service] = {}
+    for entry in entry_points(group="lucerna.services"):
+        found[entry.name] = entry.load()
+    return found
