@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lucerna.core.logging import correlation_id
@@ -92,7 +92,9 @@ def create_app(resources: Resources, services: Sequence[Service]) -> Starlette:
         }
         results = await asyncio.gather(*checks.values(), return_exceptions=True)
         status = {name: result is True for name, result in zip(checks, results, strict=True)}
-        return JSONResponse({"ready": all(status.values()), "checks": status}, 200 if all(status.values()) else 503)
+        return JSONResponse(
+            {"ready": all(status.values()), "checks": status}, 200 if all(status.values()) else 503
+        )
 
     async def metrics(_: Request) -> Response:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -114,7 +116,7 @@ def create_app(resources: Resources, services: Sequence[Service]) -> Starlette:
             await resources.search.close()
             await resources.metadata.close()
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

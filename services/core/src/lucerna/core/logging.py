@@ -32,7 +32,9 @@ class JsonFormatter(logging.Formatter):
         cid = correlation_id.get()
         if cid:
             entry["correlation_id"] = cid
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")})
+        entry.update(
+            {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+        )
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

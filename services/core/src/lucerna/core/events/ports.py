@@ -28,11 +28,18 @@ class Envelope:
     type: str  # the protobuf full name, e.g. "lucerna.events.v1.StudyReady"
     headers: Mapping[str, str] = field(default_factory=dict)
     redelivered: bool = False
-    delivery_count: int = 0
+    delivery_count: int = 0  # failed deliveries before this one (RabbitMQ's x-delivery-count)
 
 
 class PermanentError(Exception):
     """A message that can never succeed (unparseable, invalid): dead-letter it at once, with this reason."""
+
+
+class PublishError(Exception):
+    """The bus did not take the message: no queue is bound to its routing key, or no confirm came in time.
+
+    The caller keeps the event (e.g. in its outbox field) and publishes it again later.
+    """
 
 
 Handler = Callable[[Envelope], Awaitable[None]]

@@ -38,7 +38,45 @@ QUEUES: tuple[QueueSpec, ...] = (
 
 def queue(name: str) -> QueueSpec:
     """The spec of a declared queue; a typo is a start-up error, not a silent new queue."""
-    for spec in QUEUES:
-        if spec.name == name:
-            return spec
-    raise KeyError(f"queue {name!r} is not in the topology (events/topology.py)")
+    return DEFAULT.queue(name)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The exchanges and queues a bus declares; services use ``DEFAULT``, tests their own names."""
+
+    exchange: str = EXCHANGE
+    dead_letter_exchange: str = DEAD_LETTER_EXCHANGE
+    queues: tuple[QueueSpec, ...] = QUEUES
+
+    def queue(self, name: str) -> QueueSpec:
+        """The spec of a declared queue; a typo is an error, not a silent new queue."""
+        for spec in self.queues:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"queue {name!r} is not in the topology (events/topology.py)")
+
+    def queues_for(self, routing_key: str) -> tuple[QueueSpec, ...]:
+        """The queues a message with this routing key reaches, by AMQP topic matching."""
+        return tuple(
+            spec for spec in self.queues if any(topic_matches(b, routing_key) for b in spec.bindings)
+        )
+
+
+DEFAULT = Topology()
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic-exchange matching: ``*`` is exactly one word, ``#`` zero or more words."""
+    return _match(pattern.split("."), routing_key.split("."))
+
+
+def _match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _match(rest, words[1:])

@@ -37,7 +37,7 @@ class FilesystemBlobStore:
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
-            os.replace(temp, target)  # atomic: readers see all of the blob or none of it
+            Path(temp).replace(target)  # atomic: readers see all of the blob or none of it
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise

@@ -1,0 +1,58 @@
+# Lucerna's developer entry points. `make test` is what CI runs (.ci/run) on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+# uv on PATH, else the one pip installed for python3 (a pyenv shim may not exist yet).
+UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+# The committed lock is the truth: install exactly it, never rewrite it.
+UV_FLAGS = --all-packages $(if $(wildcard uv.lock),--frozen)
+RUN = $(UV) run $(UV_FLAGS)
+PROTOS = $(shell find protos -name '*.proto')
+PROTO_OUT = services/core/src
+# Folders git does not keep while empty are left out rather than failing pytest.
+TEST_PATHS = $(wildcard tests/unit tests/integration tests/e2e)
+MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src
+# `make servers-start SERVERS="rabbitmq ferretdb"` picks some; empty means all.
+SERVERS ?=
+
+.PHONY: help setup servers-install deps protos lint test up bench servers-start servers-stop clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+setup: servers-install deps protos ## install the test servers and Python deps, generate protobuf code
+
+servers-install: ## Debian packages, FerretDB, Elasticsearch (cached in ~/.cache/lucerna)
+	bash infra/local/install.sh
+
+deps: ## uv and the workspace's Python packages
+	bash infra/local/install.sh uv
+	$(UV) sync $(UV_FLAGS)
+
+protos: deps ## generate the Python code for protos/ into services/core/src
+	$(RUN) python -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) $(PROTOS)
+
+lint: protos ## ruff on everything, mypy on the services' packages
+	$(RUN) ruff check .
+	$(RUN) mypy $(MYPY_PACKAGES)
+
+test: setup lint ## the whole suite: unit, integration (real servers), e2e
+	$(RUN) pytest $(TEST_PATHS)
+
+up: deps protos ## run the whole platform on this machine with embedded defaults
+	$(RUN) lucerna up
+
+bench: deps protos ## benchmarks against their anchor figures
+	$(RUN) python -m tests.bench.run
+
+servers-start: servers-install ## start the test servers by hand (data in var/servers)
+	python3 infra/local/servers.py start $(SERVERS)
+
+servers-stop: ## stop the servers started by servers-start
+	python3 infra/local/servers.py stop $(SERVERS)
+
+clean: servers-stop ## remove generated code, caches and local server data
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	find $(PROTO_OUT) -name '*_pb2.py' -o -name '*_pb2.pyi' | xargs -r rm -f
+	find . -path ./.venv -prune -o -name __pycache__ -type d -print | xargs -r rm -rf

@@ -1,0 +1,743 @@
+"""Real servers for the integration tests and for local work: RabbitMQ, Elasticsearch, FerretDB, Orthanc.
+
+Each class runs one server as a child process in its own session, keeps its data, logs and pid file
+under ``<base_dir>/<name>``, and listens on loopback ports away from the servers' defaults so that
+a developer's own servers do not collide. ``start()`` returns once the server answers its protocol.
+The binaries come from ``infra/local/install.sh``. Standard library only, so it runs before
+``uv sync``::
+
+    python infra/local/servers.py start|stop|status [rabbitmq elasticsearch ferretdb orthanc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, ClassVar
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+LOOPBACK = "127.0.0.1"
+
+
+class ServerError(RuntimeError):
+    """A server could not be started or stopped; the message carries its log tail."""
+
+
+def read_versions(path: Path = HERE / "versions.env") -> dict[str, str]:
+    """Parse the KEY=VALUE pins that install.sh also sources."""
+    versions: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            versions[key.strip()] = value.strip()
+    return versions
+
+
+VERSIONS = read_versions()
+
+
+def cache_dir() -> Path:
+    """Where install.sh keeps slow builds and downloads (keep in step with install.sh)."""
+    return Path(os.environ.get("LUCERNA_CACHE") or Path.home() / ".cache" / "lucerna")
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on the loopback port and it can be bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers do: connections in TIME_WAIT after a stop must not count as "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed by the server")
+        data += chunk
+    return data
+
+
+def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method="GET")  # noqa: S310 -- URL built here from loopback ports
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 -- same
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@dataclass
+class _Running:
+    """The process this Python process started, kept so its exit status can be reaped."""
+
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+
+class Server(ABC):
+    """One server process with its data under ``base_dir / name``."""
+
+    name: ClassVar[str]
+    start_timeout: ClassVar[float] = 60.0
+    stop_timeout: ClassVar[float] = 30.0
+
+    def __init__(self, base_dir: Path, *, port_offset: int = 0) -> None:
+        # port_offset shifts every port, so that several test sessions can share one machine.
+        self.port_offset = port_offset
+        self.dir = Path(base_dir).resolve() / self.name
+        self.log_file = self.dir / "server.log"
+        self.pid_file = self.dir / "server.pid"
+        self.started_in: float | None = None
+        self._running: _Running | None = None
+
+    # -- what each server defines -------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where clients connect."""
+
+    @property
+    @abstractmethod
+    def ports(self) -> tuple[int, ...]:
+        """Every loopback port the server binds."""
+
+    @abstractmethod
+    def _prepare(self) -> None:
+        """Write configuration and create data folders before a start."""
+
+    @abstractmethod
+    def _command(self) -> list[str]:
+        """The command line of the server process."""
+
+    @abstractmethod
+    def _is_ready(self) -> bool:
+        """True once the server answers its own protocol."""
+
+    def _environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def _run_as(self) -> str | None:
+        """The user to run the server as, or None for the current one."""
+        return None
+
+    def _graceful_stop(self, pid: int) -> None:
+        os.killpg(pid, signal.SIGTERM)
+
+    def _after_stop(self) -> None:  # noqa: B027 -- an optional hook; most servers need nothing here
+        """Clean up helpers the server left outside its process group."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the server and wait until it answers, or raise ServerError with its log tail."""
+        if self.is_running():
+            raise ServerError(f"{self.name} already runs (pid file {self.pid_file}); stop it first")
+        busy = [port for port in self.ports if not port_is_free(port)]
+        if busy:
+            raise ServerError(f"{self.name}: loopback port(s) {busy} already in use by another process")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+        began = time.monotonic()
+        log = self.log_file.open("ab")
+        user = self._run_as()
+        try:
+            process = subprocess.Popen(  # noqa: S603 -- fixed command lines built by this module
+                self._command(),
+                cwd=self.dir,
+                env=self._environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=user,
+                group=pwd.getpwnam(user).pw_gid if user else None,
+                extra_groups=[] if user else None,
+            )
+        except OSError as error:
+            log.close()
+            raise ServerError(f"{self.name}: cannot run {self._command()[0]}: {error}") from error
+        self._running = _Running(process, log)
+        self.pid_file.write_text(f"{process.pid}\n")
+        deadline = began + (timeout if timeout is not None else self.start_timeout)
+        while True:
+            if process.poll() is not None:
+                self._forget()
+                raise ServerError(
+                    f"{self.name} exited with status {process.returncode} while starting\n{self.log_tail()}"
+                )
+            if self._ready_now():
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"{self.name} did not answer on {self.url} within {deadline - began:.0f}s\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.25)
+        self.started_in = time.monotonic() - began
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the server gracefully, killing it after the timeout; a stopped server is left alone."""
+        pid = self._pid()
+        if pid is not None and self._group_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                self._graceful_stop(pid)
+            deadline = time.monotonic() + (timeout if timeout is not None else self.stop_timeout)
+            while self._group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self._group_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while self._group_alive(pid):
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"{self.name}: process group {pid} survived SIGKILL")
+                    time.sleep(0.05)
+        self._forget()
+        self._after_stop()
+
+    def restart(self, timeout: float | None = None) -> None:
+        """Stop and start again on the same data, ports and configuration."""
+        self.stop()
+        self.start(timeout)
+
+    def is_running(self) -> bool:
+        """True while a process started for this server (by any Python process) is alive."""
+        pid = self._pid()
+        return pid is not None and self._group_alive(pid)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server's log, for error messages."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return f"(no log at {self.log_file})"
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- last {lines} lines of {self.log_file} ---\n{tail}"
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _ready_now(self) -> bool:
+        try:
+            return self._is_ready()
+        except (OSError, ValueError, struct.error):
+            return False
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _group_alive(self, pgid: int) -> bool:
+        """True while any non-zombie process remains in the server's process group."""
+        if self._running is not None and self._running.process.pid == pgid:
+            self._running.process.poll()  # reap our own child so it does not linger as a zombie
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            # After the ")" closing the command name: state, ppid, pgrp, ...
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+        return False
+
+    def _forget(self) -> None:
+        if self._running is not None:
+            self._running.process.poll()
+            self._running.log.close()
+            self._running = None
+        self.pid_file.unlink(missing_ok=True)
+
+
+class RabbitMQ(Server):
+    """RabbitMQ from the Debian package, run with its own node name, ports, epmd and data folder.
+
+    ``restart()`` stops the node and starts it on the same data, so durable queues and persistent
+    messages survive it. It blocks; call it with ``asyncio.to_thread`` from async code.
+    """
+
+    name = "rabbitmq"
+    start_timeout = 90.0
+    stop_timeout = 60.0
+    bin_dir = Path("/usr/lib/rabbitmq/bin")
+
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        port_offset: int = 0,
+        node_name: str = "lucerna-test@localhost",
+    ) -> None:
+        super().__init__(base_dir, port_offset=port_offset)
+        self.port = 5673 + port_offset
+        self.dist_port = 25673 + port_offset
+        # A private epmd keeps this node apart from any other Erlang node on the machine.
+        self.epmd_port = 24369 + port_offset
+        self.node_name = node_name
+        self._log_offset = 0
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@{LOOPBACK}:{self.port}/"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port, self.dist_port, self.epmd_port)
+
+    def _environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update(
+            HOME=str(self.dir),
+            ERL_EPMD_PORT=str(self.epmd_port),
+            RABBITMQ_NODENAME=self.node_name,
+            RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.dir / "log"),
+            RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq.conf"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
+            RABBITMQ_PID_FILE=str(self.dir / "rabbitmq.pid"),
+            RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
+        )
+        return env
+
+    def _prepare(self) -> None:
+        if not (self.bin_dir / "rabbitmq-server").exists():
+            raise ServerError(f"{self.bin_dir}/rabbitmq-server is missing: run infra/local/install.sh")
+        for sub in ("mnesia", "log"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        (self.dir / "rabbitmq-env.conf").write_text("")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {LOOPBACK}:{self.port}\n"
+            "log.console = true\n"
+            "log.console.level = info\n"
+            "log.console.use_colors = off\n"
+            "log.file = false\n"
+        )
+
+    def _command(self) -> list[str]:
+        return [str(self.bin_dir / "rabbitmq-server")]
+
+    def _is_ready(self) -> bool:
+        # The AMQP listener opens near the end of boot (a Connection.Start frame proves it serves);
+        # the boot is over once the node logs so.
+        with self.log_file.open("rb") as log:
+            log.seek(self._log_offset)
+            if b"Server startup complete" not in log.read():
+                return False
+        with socket.create_connection((LOOPBACK, self.port), timeout=2) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            frame_type, _channel, size = struct.unpack(">BHI", _recv_exact(sock, 7))
+            payload = _recv_exact(sock, min(size, 4))
+        return frame_type == 1 and payload == b"\x00\x0a\x00\x0a"
+
+    def _ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603 -- fixed rabbitmqctl command line
+            [str(self.bin_dir / "rabbitmqctl"), "-n", self.node_name, *args],
+            env=self._environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def _graceful_stop(self, pid: int) -> None:
+        # rabbitmqctl stop lets the node flush its queues; the signal is the fallback.
+        try:
+            result = self._ctl("stop", timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            result = None
+        if result is None or result.returncode != 0:
+            os.killpg(pid, signal.SIGTERM)
+
+    def _after_stop(self) -> None:
+        epmd = shutil.which("epmd")
+        if epmd:
+            # epmd refuses to die while a node is registered, so this never hurts a live node.
+            subprocess.run(  # noqa: S603 -- fixed epmd command line
+                [epmd, "-port", str(self.epmd_port), "-kill"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+
+
+class Elasticsearch(Server):
+    """Elasticsearch from Maven Central's integ-test zip, single node, security off, 512 MiB heap.
+
+    Elasticsearch refuses to run as root, so under root it runs as the unprivileged user that
+    install.sh creates (``LUCERNA_SERVER_USER``, default ``lucerna``), owning its folder.
+    """
+
+    name = "elasticsearch"
+    start_timeout = 180.0
+    version = VERSIONS["ELASTICSEARCH_VERSION"]
+
+    def __init__(self, base_dir: Path, *, port_offset: int = 0) -> None:
+        super().__init__(base_dir, port_offset=port_offset)
+        self.port = 9201 + port_offset
+        self.transport_port = 9301 + port_offset
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port, self.transport_port)
+
+    @classmethod
+    def home(cls) -> Path:
+        """The unpacked distribution (keep in step with install.sh)."""
+        if os.environ.get("LUCERNA_ES_HOME"):
+            return Path(os.environ["LUCERNA_ES_HOME"])
+        if os.geteuid() == 0:
+            return Path(f"/opt/lucerna/elasticsearch-{cls.version}")
+        return cache_dir() / f"elasticsearch-{cls.version}"
+
+    @staticmethod
+    def java_home() -> Path:
+        """A JDK 17 (Elasticsearch 8 runs on 17+; the integ-test zip bundles none)."""
+        for candidate in (
+            os.environ.get("LUCERNA_ES_JAVA_HOME"),
+            "/usr/lib/jvm/java-17-openjdk-amd64",
+            "/usr/lib/jvm/java-17-openjdk-arm64",
+            os.environ.get("JAVA_HOME"),
+        ):
+            if candidate and (Path(candidate) / "bin" / "java").exists():
+                return Path(candidate)
+        java = shutil.which("java")
+        if java:
+            return Path(java).resolve().parents[1]
+        raise ServerError("no JDK found for Elasticsearch: run infra/local/install.sh")
+
+    def _run_as(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        user = os.environ.get("LUCERNA_SERVER_USER", "lucerna")
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise ServerError(
+                f"user {user!r} to run Elasticsearch is missing: run infra/local/install.sh"
+            ) from None
+        return user
+
+    def _prepare(self) -> None:
+        home = self.home()
+        if not (home / "bin" / "elasticsearch").exists():
+            raise ServerError(f"Elasticsearch is missing at {home}: run infra/local/install.sh")
+        config = self.dir / "config"
+        if config.exists():
+            shutil.rmtree(config)
+        shutil.copytree(home / "config", config)
+        (config / "elasticsearch.yml").write_text(
+            "cluster.name: lucerna-test\n"
+            "node.name: lucerna-test\n"
+            "discovery.type: single-node\n"
+            f"network.host: {LOOPBACK}\n"
+            f"http.port: {self.port}\n"
+            f"transport.port: {self.transport_port}\n"
+            f"path.data: {self.dir / 'data'}\n"
+            f"path.logs: {self.dir / 'logs'}\n"
+            "xpack.security.enabled: false\n"
+            "cluster.routing.allocation.disk.threshold_enabled: false\n"
+            "action.destructive_requires_name: false\n"
+        )
+        for sub in ("data", "logs", "tmp"):
+            (self.dir / sub).mkdir(exist_ok=True)
+        user = self._run_as()
+        if user:
+            self._hand_over(user)
+
+    def _hand_over(self, user: str) -> None:
+        """Give the server user its folder, after checking it can reach it."""
+        entry = pwd.getpwnam(user)
+        for parent in self.dir.parents:
+            mode = parent.stat().st_mode
+            if parent.stat().st_uid != entry.pw_uid and not mode & stat.S_IXOTH:
+                raise ServerError(
+                    f"Elasticsearch runs as {user!r}, which cannot enter {parent}; "
+                    "choose a base directory outside root's home (e.g. under /tmp)"
+                )
+        for path in (self.dir, *self.dir.rglob("*")):
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+    def _environment(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("ES_", "CLI_JAVA_OPTS", "JAVA_TOOL_OPTIONS"))
+        }
+        env.update(
+            ES_JAVA_HOME=str(self.java_home()),
+            ES_PATH_CONF=str(self.dir / "config"),
+            ES_JAVA_OPTS="-Xms512m -Xmx512m",
+            ES_TMPDIR=str(self.dir / "tmp"),
+            HOME=str(self.dir),
+        )
+        return env
+
+    def _command(self) -> list[str]:
+        return [str(self.home() / "bin" / "elasticsearch")]
+
+    def _is_ready(self) -> bool:
+        status, body = _http_get(f"{self.url}/_cluster/health?wait_for_status=yellow&timeout=1s")
+        return status == 200 and json.loads(body).get("status") in {"green", "yellow"}
+
+
+class FerretDB(Server):
+    """FerretDB v1 on its SQLite handler: a MongoDB wire-protocol server for the tests."""
+
+    name = "ferretdb"
+    start_timeout = 30.0
+    version = VERSIONS["FERRETDB_VERSION"]
+
+    def __init__(self, base_dir: Path, *, port_offset: int = 0) -> None:
+        super().__init__(base_dir, port_offset=port_offset)
+        self.port = 27018 + port_offset
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://{LOOPBACK}:{self.port}/"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    @classmethod
+    def binary(cls) -> Path:
+        """The binary install.sh built (keep in step with install.sh)."""
+        if os.environ.get("LUCERNA_FERRETDB_BIN"):
+            return Path(os.environ["LUCERNA_FERRETDB_BIN"])
+        return cache_dir() / f"ferretdb-{cls.version}" / "ferretdb"
+
+    def _prepare(self) -> None:
+        if not self.binary().exists():
+            raise ServerError(f"FerretDB is missing at {self.binary()}: run infra/local/install.sh")
+        for sub in ("data", "state"):
+            (self.dir / sub).mkdir(exist_ok=True)
+
+    def _command(self) -> list[str]:
+        return [
+            str(self.binary()),
+            "--handler=sqlite",
+            f"--sqlite-url=file:{self.dir / 'data'}/",
+            f"--listen-addr={LOOPBACK}:{self.port}",
+            f"--state-dir={self.dir / 'state'}",
+            "--debug-addr=-",
+            "--telemetry=disable",
+        ]
+
+    def _is_ready(self) -> bool:
+        return mongo_ping(LOOPBACK, self.port)
+
+
+def _bson_document(fields: Mapping[str, int | str]) -> bytes:
+    body = b""
+    for key, value in fields.items():
+        name = key.encode() + b"\x00"
+        if isinstance(value, int):
+            body += b"\x10" + name + struct.pack("<i", value)
+        else:
+            text = value.encode() + b"\x00"
+            body += b"\x02" + name + struct.pack("<i", len(text)) + text
+    return struct.pack("<i", len(body) + 5) + body + b"\x00"
+
+
+def mongo_ping(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Send the MongoDB ``ping`` command as an OP_MSG and report whether the server said ok."""
+    op_msg = 2013
+    body = struct.pack("<I", 0) + b"\x00" + _bson_document({"ping": 1, "$db": "admin"})
+    message = struct.pack("<iiii", 16 + len(body), 1, 0, op_msg) + body
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(message)
+        length, _request_id, _response_to, opcode = struct.unpack("<iiii", _recv_exact(sock, 16))
+        reply = _recv_exact(sock, length - 16)
+    ok_double = b"\x01ok\x00" + struct.pack("<d", 1.0)
+    return opcode == op_msg and ok_double in reply
+
+
+@dataclass(frozen=True)
+class Modality:
+    """A DICOM peer Orthanc may send to (C-STORE) or accept queries from."""
+
+    aet: str
+    host: str
+    port: int
+
+    def as_config(self) -> dict[str, str | int]:
+        """Orthanc's JSON form of a modality."""
+        return {"AET": self.aet, "Host": self.host, "Port": self.port}
+
+
+class Orthanc(Server):
+    """Orthanc from the Debian package with the DICOMweb plugin: a reference PACS for the tests."""
+
+    name = "orthanc"
+    start_timeout = 30.0
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        port_offset: int = 0,
+        ae_title: str = "ORTHANC",
+        modalities: Mapping[str, Modality] | None = None,
+    ) -> None:
+        super().__init__(base_dir, port_offset=port_offset)
+        self.http_port = 8043 + port_offset
+        self.dicom_port = 4243 + port_offset
+        self.ae_title = ae_title
+        self.modalities: dict[str, Modality] = dict(modalities or {})
+
+    @property
+    def http_url(self) -> str:
+        """Orthanc's REST API; DICOMweb is under ``/dicom-web``."""
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return self.http_url
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (QIDO-RS, WADO-RS, STOW-RS)."""
+        return f"{self.http_url}/dicom-web"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.http_port, self.dicom_port)
+
+    def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """Let Orthanc send to another DICOM node; applies at once if it runs, and on later starts."""
+        modality = Modality(aet, host, port)
+        self.modalities[name] = modality
+        if not self.is_running():
+            return
+        request = urllib.request.Request(  # noqa: S310 -- loopback URL built here
+            f"{self.http_url}/modalities/{name}",
+            data=json.dumps(modality.as_config()).encode(),
+            method="PUT",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 -- same
+            if response.status != 200:
+                raise ServerError(f"Orthanc refused modality {name}: HTTP {response.status}")
+
+    def _prepare(self) -> None:
+        if shutil.which("Orthanc") is None or not self.plugin.exists():
+            raise ServerError("Orthanc or its DICOMweb plugin is missing: run infra/local/install.sh")
+        config = {
+            "Name": "lucerna-test-orthanc",
+            "StorageDirectory": str(self.dir / "storage"),
+            "IndexDirectory": str(self.dir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {name: m.as_config() for name, m in self.modalities.items()},
+            "DicomModalitiesInDatabase": False,
+            "Plugins": [str(self.plugin)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (self.dir / "orthanc.json").write_text(json.dumps(config, indent=2))
+
+    def _command(self) -> list[str]:
+        return [shutil.which("Orthanc") or "Orthanc", str(self.dir / "orthanc.json")]
+
+    def _is_ready(self) -> bool:
+        status, body = _http_get(f"{self.http_url}/system")
+        if status != 200 or json.loads(body).get("DicomAet") != self.ae_title:
+            return False
+        with socket.create_connection((LOOPBACK, self.dicom_port), timeout=2):
+            return True
+
+
+SERVERS: dict[str, type[Server]] = {cls.name: cls for cls in (RabbitMQ, Elasticsearch, FerretDB, Orthanc)}
+
+
+def default_base_dir() -> Path:
+    """Where the CLI keeps the servers' data: ``$LUCERNA_SERVERS_DIR`` or ``var/servers`` in the repo."""
+    return Path(os.environ.get("LUCERNA_SERVERS_DIR") or REPO_ROOT / "var" / "servers")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line for developers: start, stop or show the test servers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument(
+        "names", nargs="*", metavar="name", help=f"any of {', '.join(SERVERS)} (default: all)"
+    )
+    parser.add_argument("--base-dir", type=Path, default=default_base_dir())
+    parser.add_argument("--port-offset", type=int, default=0, help="added to every default port")
+    args = parser.parse_args(argv)
+    base_dir: Path = args.base_dir
+    names: list[str] = args.names or list(SERVERS)
+    unknown = sorted(set(names) - set(SERVERS))
+    if unknown:
+        parser.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
+    if args.action == "start":
+        # Elasticsearch's user must be able to enter the folder (mkdir's default mode is 0o755).
+        base_dir.mkdir(parents=True, exist_ok=True)
+    failed = False
+    for name in names:
+        server = SERVERS[name](base_dir, port_offset=args.port_offset)
+        if args.action == "start":
+            if server.is_running():
+                print(f"{name}: already running at {server.url}")
+                continue
+            try:
+                server.start()
+            except ServerError as error:
+                print(f"{name}: FAILED\n{error}", file=sys.stderr)
+                failed = True
+                continue
+            print(f"{name}: up in {server.started_in:.1f}s at {server.url}")
+        elif args.action == "stop":
+            running = server.is_running()
+            server.stop()
+            print(f"{name}: {'stopped' if running else 'was not running'}")
+        else:
+            print(f"{name}: {'running at ' + server.url if server.is_running() else 'stopped'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The embedded message bus: one process, the topology of ``events.topology``, no broker.
+
+It behaves like the RabbitMQ adapter towards publishers and handlers: a routing key reaches every
+queue bound to it, a queue holds its messages until a consumer takes them, a handler that returns
+acknowledges, ``PermanentError`` dead-letters at once, any other exception is retried with backoff
+until the queue's delivery limit, and at most ``prefetch`` messages per consumer are in flight.
+
+It is not durable: what is queued, in flight or dead-lettered is gone when the process stops.
+Work that must survive a restart keeps its state in the store (the documents' outbox fields) and is
+published again from there at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from lucerna.core.events.ports import Envelope, Handler, PermanentError, PublishError
+from lucerna.core.events.retry import retry_delay
+from lucerna.core.events.topology import DEFAULT, QueueSpec, Topology
+from lucerna.core.logging import correlation_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that left its queue for good: why, when, and the envelope as last delivered."""
+
+    queue: str
+    envelope: Envelope
+    reason: str
+    at: datetime
+
+
+@dataclass
+class _Queue:
+    spec: QueueSpec
+    pending: asyncio.Queue[Envelope] = dataclasses.field(default_factory=asyncio.Queue)
+    dead: list[DeadLetter] = dataclasses.field(default_factory=list)
+
+
+class InProcessBus:
+    """The ``MessageBus`` for ``lucerna up``: every service in one process, no server."""
+
+    def __init__(
+        self,
+        *,
+        topology: Topology = DEFAULT,
+        retry_base_delay: float = 0.5,
+        retry_max_delay: float = 30.0,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        self._topology = topology
+        self._retry_base_delay = retry_base_delay
+        self._retry_max_delay = retry_max_delay
+        self._shutdown_grace = shutdown_grace
+        self._queues: dict[str, _Queue] = {}
+        self._consumers: list[asyncio.Task[None]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
+        self._started = False
+
+    async def start(self) -> None:
+        """Create every queue of the topology, so messages wait for consumers that start later."""
+        if not self._started:
+            self._queues = {spec.name: _Queue(spec) for spec in self._topology.queues}
+            self._started = True
+
+    async def close(self) -> None:
+        """Stop consuming, let handlers in flight finish for a grace period, then cancel them."""
+        self._closing.set()
+        for task in self._consumers:
+            task.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        self._consumers.clear()
+        if self._in_flight:
+            _, late = await asyncio.wait(set(self._in_flight), timeout=self._shutdown_grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def ping(self) -> bool:
+        """Whether the bus takes messages."""
+        return self._started and not self._closing.is_set()
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Queue a copy of the envelope on every queue bound to its routing key."""
+        self._check_open()
+        targets = self._topology.queues_for(envelope.routing_key)
+        if not targets:
+            raise PublishError(f"no queue is bound to routing key {envelope.routing_key!r}")
+        for spec in targets:
+            copy = dataclasses.replace(
+                envelope, headers=dict(envelope.headers), redelivered=False, delivery_count=0
+            )
+            self._queues[spec.name].pending.put_nowait(copy)
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16) -> None:
+        """Deliver the queue's messages to ``handler``, at most ``prefetch`` at a time, until ``close``."""
+        self._check_open()
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        target = self._queues[self._topology.queue(queue).name]
+        task = asyncio.create_task(self._consume(target, handler, prefetch), name=f"consume {queue}")
+        self._consumers.append(task)
+
+    def dead_letters(self, queue: str) -> list[DeadLetter]:
+        """The messages dead-lettered from ``queue`` since start, oldest first."""
+        return list(self._queues[self._topology.queue(queue).name].dead)
+
+    def pending(self, queue: str) -> int:
+        """How many messages wait in ``queue`` for a consumer (not counting those in flight)."""
+        return self._queues[self._topology.queue(queue).name].pending.qsize()
+
+    def _check_open(self) -> None:
+        if not self._started:
+            raise RuntimeError("the bus is not started")
+        if self._closing.is_set():
+            raise RuntimeError("the bus is closed")
+
+    async def _consume(self, queue: _Queue, handler: Handler, prefetch: int) -> None:
+        slots = asyncio.Semaphore(prefetch)
+        while True:
+            await slots.acquire()
+            try:
+                envelope = await queue.pending.get()
+            except BaseException:
+                slots.release()
+                raise
+            task = asyncio.create_task(self._deliver(queue, handler, envelope, slots))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _deliver(
+        self, queue: _Queue, handler: Handler, envelope: Envelope, slots: asyncio.Semaphore
+    ) -> None:
+        token = correlation_id.set(envelope.correlation_id or None)
+        try:
+            await handler(envelope)
+        except PermanentError as exc:
+            self._dead_letter(queue, envelope, f"permanent: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any other failure is retried, as the contract says
+            await self._retry(queue, envelope, exc)
+        finally:
+            correlation_id.reset(token)
+            slots.release()
+
+    async def _retry(self, queue: _Queue, envelope: Envelope, exc: Exception) -> None:
+        failures = envelope.delivery_count + 1
+        if failures > queue.spec.delivery_limit:
+            self._dead_letter(queue, envelope, f"delivery_limit: {type(exc).__name__}: {exc}")
+            return
+        delay = retry_delay(envelope.delivery_count, self._retry_base_delay, self._retry_max_delay)
+        log.warning(
+            "event handler failed; retrying",
+            extra={
+                "queue": queue.spec.name,
+                "message_id": envelope.message_id,
+                "delivery_count": envelope.delivery_count,
+                "retry_in_s": round(delay, 3),
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+        )
+        # Hold the consumer's slot during the delay, like an unacknowledged RabbitMQ delivery.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), delay)
+        queue.pending.put_nowait(dataclasses.replace(envelope, redelivered=True, delivery_count=failures))
+
+    def _dead_letter(self, queue: _Queue, envelope: Envelope, reason: str) -> None:
+        log.error(
+            "event dead-lettered",
+            extra={"queue": queue.spec.name, "message_id": envelope.message_id, "reason": reason},
+        )
+        queue.dead.append(DeadLetter(queue.spec.name, envelope, reason, datetime.now(UTC)))

@@ -1,0 +1,683 @@
+"""Embedded adapters on SQLite (stdlib ``sqlite3``): the metadata store and an FTS5 search index.
+
+Each database file is served by one writer thread holding one connection (every write call is one
+``BEGIN IMMEDIATE`` transaction, so concurrent callers are serialised and a batch is all or
+nothing) and two reader threads with their own connections; WAL mode lets reads run beside the
+writer. Tables follow ``_qido``: one row per study, series and instance with the derived matching
+attributes as indexed columns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lucerna.core.dicom.attributes import derive
+from lucerna.core.storage import _qido, _search
+from lucerna.core.storage._qido import FIELDS_OF, UID_OF, Condition, Plan
+from lucerna.core.storage.ports import (
+    DicomJson,
+    InstanceRecord,
+    Level,
+    PutOutcome,
+    Query,
+    ReadyStudy,
+)
+
+T = TypeVar("T")
+
+_TABLE: dict[Level, str] = {"study": "studies", "series": "series", "instance": "instances"}
+_ORDER: dict[Level, str] = {
+    "study": "StudyDate DESC, StudyInstanceUID",
+    "series": "StudyInstanceUID, SeriesNumber, SeriesInstanceUID",
+    "instance": "StudyInstanceUID, SeriesNumber, SeriesInstanceUID, InstanceNumber, SOPInstanceUID",
+}
+_STUDY_COLUMNS = (
+    "StudyInstanceUID, dataset, modalities, NumberOfStudyRelatedSeries, NumberOfStudyRelatedInstances"
+)
+_SELECT: dict[Level, str] = {
+    "study": _STUDY_COLUMNS,
+    "series": "StudyInstanceUID, SeriesInstanceUID, dataset, NumberOfSeriesRelatedInstances",
+    "instance": "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, dataset",
+}
+_INSTANCE_COLUMNS = (
+    "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, sop_class_uid, transfer_syntax_uid, sha256,"
+    " size, source, received_at, dataset, attributes"
+)
+_MANY_PARAMETERS = 500  # longer IN lists go through json_each (SQLite caps bound parameters)
+
+
+def _columns(level: Level) -> str:
+    return ", ".join(f"{kw} {'INTEGER' if _qido.is_number(kw) else 'TEXT'}" for kw in FIELDS_OF[level])
+
+
+_METADATA_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS studies (
+    StudyInstanceUID TEXT PRIMARY KEY,
+    {_columns("study")},
+    NumberOfStudyRelatedSeries INTEGER NOT NULL,
+    NumberOfStudyRelatedInstances INTEGER NOT NULL,
+    modalities TEXT NOT NULL,           -- JSON list
+    representative TEXT NOT NULL,       -- SOP Instance UID whose data set answers for the study
+    dataset TEXT NOT NULL,              -- its study-level elements, DICOM JSON
+    burst INTEGER NOT NULL,
+    burst_instances INTEGER NOT NULL,
+    claimed INTEGER NOT NULL,           -- 1 once the current burst was handed out
+    boundary INTEGER NOT NULL,
+    boundary_at REAL,
+    last_arrival REAL NOT NULL,         -- epoch seconds
+    sources TEXT NOT NULL,              -- JSON list, current burst
+    version INTEGER NOT NULL,           -- index outbox: bumped on every change
+    indexed_version INTEGER NOT NULL,
+    changed_at REAL NOT NULL            -- first change not yet indexed, epoch seconds
+);
+CREATE INDEX IF NOT EXISTS studies_by_date ON studies (StudyDate DESC, StudyInstanceUID);
+CREATE INDEX IF NOT EXISTS studies_by_patient_name ON studies (PatientName);
+CREATE INDEX IF NOT EXISTS studies_by_patient_id ON studies (PatientID);
+CREATE INDEX IF NOT EXISTS studies_by_accession ON studies (AccessionNumber);
+CREATE INDEX IF NOT EXISTS studies_to_index ON studies (changed_at) WHERE version > indexed_version;
+CREATE INDEX IF NOT EXISTS studies_waiting ON studies (last_arrival) WHERE boundary = 1 AND claimed = 0;
+
+CREATE TABLE IF NOT EXISTS series (
+    SeriesInstanceUID TEXT PRIMARY KEY,
+    StudyInstanceUID TEXT NOT NULL,
+    {_columns("series")},
+    NumberOfSeriesRelatedInstances INTEGER NOT NULL,
+    representative TEXT NOT NULL,
+    dataset TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_by_study ON series (StudyInstanceUID, SeriesNumber, SeriesInstanceUID);
+CREATE INDEX IF NOT EXISTS series_by_modality ON series (Modality);
+
+CREATE TABLE IF NOT EXISTS instances (
+    seq INTEGER PRIMARY KEY,            -- arrival order
+    SOPInstanceUID TEXT NOT NULL UNIQUE,
+    StudyInstanceUID TEXT NOT NULL,
+    SeriesInstanceUID TEXT NOT NULL,
+    SeriesNumber INTEGER,               -- for ordering only; matching uses the series row
+    {_columns("instance")},
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    received_at TEXT NOT NULL,          -- ISO 8601, as given
+    dataset TEXT NOT NULL,
+    attributes TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_in_order
+    ON instances (StudyInstanceUID, SeriesNumber, SeriesInstanceUID, InstanceNumber, SOPInstanceUID);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (SeriesInstanceUID, seq);
+"""
+
+
+class _Database:
+    """One SQLite file: a writer thread and reader threads, each with its own connection."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = path
+        self._schema = schema
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="lucerna-sqlite-writer")
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="lucerna-sqlite-reader")
+        await self.script(self._schema)
+
+    async def close(self) -> None:
+        for executor in (self._writer, self._readers):
+            if executor is not None:
+                await asyncio.to_thread(executor.shutdown)
+        self._writer = self._readers = None
+        with self._lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+
+    async def script(self, sql: str) -> None:
+        """Run statements (DDL) outside an explicit transaction, on the writer."""
+        await self._run(self._writer, lambda connection: connection.executescript(sql))
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one write transaction on the writer thread."""
+        return await self._run(self._writer, lambda conn: _in_transaction(conn, "IMMEDIATE", work))
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` on a reader thread, on one consistent snapshot."""
+        return await self._run(self._readers, lambda conn: _in_transaction(conn, "DEFERRED", work))
+
+    async def _run(self, executor: ThreadPoolExecutor | None, work: Callable[[sqlite3.Connection], T]) -> T:
+        if executor is None:
+            raise RuntimeError(f"{self.path} is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, lambda: work(self._connection()))
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; fsync at checkpoints
+            connection.execute("PRAGMA busy_timeout = 10000")
+            self._local.connection = connection
+            with self._lock:
+                self._connections.append(connection)
+        return connection
+
+
+def _in_transaction(connection: sqlite3.Connection, kind: str, work: Callable[[sqlite3.Connection], T]) -> T:
+    connection.execute(f"BEGIN {kind}")
+    try:
+        result = work(connection)
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return result
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _epoch(moment: datetime) -> float:
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+class SqliteMetadataStore:
+    """The metadata store in one SQLite file (``make up``'s default)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = _Database(path, _METADATA_SCHEMA)
+
+    async def start(self) -> None:
+        """Open the file and create tables and indexes if absent."""
+        await self._db.start()
+
+    async def close(self) -> None:
+        """Stop the threads and close the connections."""
+        await self._db.close()
+
+    async def ping(self) -> bool:
+        """True when the file answers a query."""
+        try:
+            return await self._db.read(lambda c: c.execute("SELECT 1").fetchone() == (1,))
+        except (sqlite3.Error, RuntimeError):
+            return False
+
+    async def put_instances(self, records: Sequence[InstanceRecord]) -> list[PutOutcome]:
+        """Upsert a batch in one transaction (see ``MetadataStore.put_instances``)."""
+        if not records:
+            return []
+        return await self._db.write(lambda c: [_put_instance(c, record, time.time()) for record in records])
+
+    async def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        """One instance by SOP Instance UID."""
+        sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE SOPInstanceUID = ?"  # noqa: S608 - fixed text
+        row = await self._db.read(lambda c: c.execute(sql, (sop_instance_uid,)).fetchone())
+        return None if row is None else _record(row)
+
+    async def list_instances(
+        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+    ) -> list[InstanceRecord]:
+        """The instances of a study, a series or one instance, in series/instance number order."""
+        where, params = ["StudyInstanceUID = ?"], [study_uid]
+        if series_uid is not None:
+            where.append("SeriesInstanceUID = ?")
+            params.append(series_uid)
+        if sop_instance_uid is not None:
+            where.append("SOPInstanceUID = ?")
+            params.append(sop_instance_uid)
+        sql = (
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE {' AND '.join(where)}"  # noqa: S608 - fixed text
+            " ORDER BY SeriesNumber, InstanceNumber, SOPInstanceUID"
+        )
+        rows = await self._db.read(lambda c: c.execute(sql, params).fetchall())
+        return [_record(row) for row in rows]
+
+    async def delete_instance(self, sop_instance_uid: str) -> None:
+        """Remove an instance and update its series and study."""
+        await self._db.write(lambda c: _delete_instance(c, sop_instance_uid, time.time()))
+
+    async def query(self, query: Query) -> list[DicomJson]:
+        """QIDO-RS matching at one level (see ``_qido``)."""
+        plan = _qido.plan(query)
+        if plan.impossible:
+            return []
+        where, params = _where(plan)
+        sql = (
+            f"SELECT {_SELECT[query.level]} FROM {_TABLE[query.level]} {where}"  # noqa: S608 - whitelisted names
+            f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?"
+        )
+        params += [query.limit, query.offset]
+        rows = await self._db.read(lambda c: c.execute(sql, params).fetchall())
+        return [_result(query.level, row) for row in rows]
+
+    async def mark_boundary(self, study_uids: Sequence[str], at: datetime) -> None:
+        """Set the boundary flag of these studies."""
+        if not study_uids:
+            return
+        sql = (
+            "UPDATE studies SET boundary = 1, boundary_at = ?"
+            " WHERE StudyInstanceUID IN (SELECT value FROM json_each(?))"
+        )
+        await self._db.write(lambda c: c.execute(sql, (_epoch(at), _dumps(list(study_uids)))))
+
+    async def claim_ready(self, quiet_before: datetime, limit: int = 100) -> list[ReadyStudy]:
+        """Hand out the complete bursts once (the single writer serialises claimers)."""
+        return await self._db.write(lambda c: _claim_ready(c, _epoch(quiet_before), limit))
+
+    async def studies_to_index(self, limit: int = 500) -> list[tuple[DicomJson, int]]:
+        """Studies changed since last indexed, oldest change first, with their version."""
+        sql = (
+            f"SELECT {_STUDY_COLUMNS}, version FROM studies WHERE version > indexed_version"  # noqa: S608
+            " ORDER BY changed_at LIMIT ?"
+        )
+        rows = await self._db.read(lambda c: c.execute(sql, (limit,)).fetchall())
+        return [(_result("study", row[:-1]), row[-1]) for row in rows]
+
+    async def mark_indexed(self, versions: Sequence[tuple[str, int]]) -> None:
+        """Record the indexed version of studies that have not changed since."""
+        sql = "UPDATE studies SET indexed_version = ? WHERE StudyInstanceUID = ? AND version = ?"
+        params = [(version, uid, version) for uid, version in versions]
+        if params:
+            await self._db.write(lambda c: c.executemany(sql, params))
+
+    async def iter_studies(self) -> AsyncIterator[DicomJson]:
+        """Every study at study level, in Study Instance UID order, a page at a time."""
+        sql = (
+            f"SELECT {_STUDY_COLUMNS} FROM studies WHERE StudyInstanceUID > ?"  # noqa: S608
+            " ORDER BY StudyInstanceUID LIMIT 500"
+        )
+
+        def page(after: str) -> Callable[[sqlite3.Connection], list[Any]]:
+            return lambda c: c.execute(sql, (after,)).fetchall()
+
+        after = ""
+        while True:
+            rows = await self._db.read(page(after))
+            for row in rows:
+                yield _result("study", row)
+            if len(rows) < 500:
+                return
+            after = rows[-1][0]
+
+    async def index_lag_seconds(self) -> float:
+        """Age of the oldest change not yet indexed."""
+        sql = "SELECT MIN(changed_at) FROM studies WHERE version > indexed_version"
+        oldest = (await self._db.read(lambda c: c.execute(sql).fetchone()))[0]
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
+
+def _put_instance(c: sqlite3.Connection, record: InstanceRecord, now: float) -> PutOutcome:
+    existing = c.execute("SELECT sha256 FROM instances WHERE SOPInstanceUID = ?", (record.sop_instance_uid,))
+    row = existing.fetchone()
+    if row is not None:
+        return PutOutcome.DUPLICATE if row[0] == record.sha256 else PutOutcome.CONFLICT
+    attributes = record.attributes or derive(record.dataset)
+    fields = _qido.level_fields(attributes, "instance")
+    c.execute(
+        f"INSERT INTO instances (SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID, SeriesNumber,"  # noqa: S608
+        f" {', '.join(fields)}, sop_class_uid, transfer_syntax_uid, sha256, size, source, received_at,"
+        f" dataset, attributes) VALUES ({', '.join('?' * (len(fields) + 12))})",
+        (
+            record.sop_instance_uid, record.study_uid, record.series_uid, attributes.get("SeriesNumber"),
+            *fields.values(), record.sop_class_uid, record.transfer_syntax_uid, record.sha256, record.size,
+            record.source, record.received_at.isoformat(), _dumps(record.dataset), _dumps(attributes),
+        ),
+    )
+    new_series = _add_to_series(c, record, attributes)
+    _add_to_study(c, record, attributes, new_series, now)
+    return PutOutcome.CREATED
+
+
+def _add_to_series(c: sqlite3.Connection, record: InstanceRecord, attributes: dict[str, Any]) -> bool:
+    counted = c.execute(
+        "UPDATE series SET NumberOfSeriesRelatedInstances = NumberOfSeriesRelatedInstances + 1"
+        " WHERE SeriesInstanceUID = ?",
+        (record.series_uid,),
+    )
+    if counted.rowcount:
+        return False
+    fields = _qido.level_fields(attributes, "series")
+    c.execute(
+        f"INSERT INTO series (SeriesInstanceUID, StudyInstanceUID, {', '.join(fields)},"  # noqa: S608
+        f" NumberOfSeriesRelatedInstances, representative, dataset)"
+        f" VALUES ({', '.join('?' * (len(fields) + 5))})",
+        (
+            record.series_uid, record.study_uid, *fields.values(), 1, record.sop_instance_uid,
+            _dumps(_qido.project(record.dataset, "series")),
+        ),
+    )
+    return True
+
+
+def _add_to_study(
+    c: sqlite3.Connection, record: InstanceRecord, attributes: dict[str, Any], new_series: bool, now: float
+) -> None:
+    arrival = _epoch(record.received_at)
+    modality = attributes.get("Modality")
+    row = c.execute(
+        "SELECT modalities, sources, claimed FROM studies WHERE StudyInstanceUID = ?", (record.study_uid,)
+    ).fetchone()
+    if row is None:
+        fields = _qido.level_fields(attributes, "study")
+        c.execute(
+            f"INSERT INTO studies (StudyInstanceUID, {', '.join(fields)}, NumberOfStudyRelatedSeries,"  # noqa: S608
+            " NumberOfStudyRelatedInstances, modalities, representative, dataset, burst, burst_instances,"
+            " claimed, boundary, last_arrival, sources, version, indexed_version, changed_at)"
+            f" VALUES ({', '.join('?' * (len(fields) + 15))})",
+            (
+                record.study_uid, *fields.values(), 1, 1, _dumps([modality] if modality else []),
+                record.sop_instance_uid, _dumps(_qido.project(record.dataset, "study")),
+                1, 1, 0, 0, arrival, _dumps([record.source]), 1, 0, now,
+            ),
+        )
+        return
+    modalities = set(json.loads(row[0]))
+    if modality:
+        modalities.add(modality)
+    sources = {record.source} if row[2] else {*json.loads(row[1]), record.source}
+    # SQLite evaluates every right-hand side on the row as it was before the update.
+    c.execute(
+        "UPDATE studies SET NumberOfStudyRelatedInstances = NumberOfStudyRelatedInstances + 1,"
+        " NumberOfStudyRelatedSeries = NumberOfStudyRelatedSeries + ?, modalities = ?,"
+        " burst = burst + claimed, burst_instances = CASE WHEN claimed THEN 1 ELSE burst_instances + 1 END,"
+        " claimed = 0, boundary = 0, last_arrival = MAX(last_arrival, ?), sources = ?,"
+        " changed_at = CASE WHEN version > indexed_version THEN changed_at ELSE ? END, version = version + 1"
+        " WHERE StudyInstanceUID = ?",
+        (
+            int(new_series), _dumps(sorted(modalities)), arrival, _dumps(sorted(sources)), now,
+            record.study_uid,
+        ),
+    )
+
+
+def _delete_instance(c: sqlite3.Connection, sop_instance_uid: str, now: float) -> None:
+    row = c.execute(
+        "SELECT StudyInstanceUID, SeriesInstanceUID FROM instances WHERE SOPInstanceUID = ?",
+        (sop_instance_uid,),
+    ).fetchone()
+    if row is None:
+        return
+    study_uid, series_uid = row
+    c.execute("DELETE FROM instances WHERE SOPInstanceUID = ?", (sop_instance_uid,))
+    c.execute(
+        "UPDATE series SET NumberOfSeriesRelatedInstances = NumberOfSeriesRelatedInstances - 1"
+        " WHERE SeriesInstanceUID = ?",
+        (series_uid,),
+    )
+    series_gone = c.execute(
+        "DELETE FROM series WHERE SeriesInstanceUID = ? AND NumberOfSeriesRelatedInstances <= 0",
+        (series_uid,),
+    ).rowcount
+    if not series_gone:
+        _replace_representative(c, "series", series_uid, sop_instance_uid)
+    study_gone = c.execute(
+        "DELETE FROM studies WHERE StudyInstanceUID = ? AND NumberOfStudyRelatedInstances <= 1",
+        (study_uid,),
+    ).rowcount
+    if study_gone:
+        return
+    modalities = [m for (m,) in c.execute(
+        "SELECT DISTINCT Modality FROM series WHERE StudyInstanceUID = ? AND Modality IS NOT NULL",
+        (study_uid,),
+    )]
+    c.execute(
+        "UPDATE studies SET NumberOfStudyRelatedInstances = NumberOfStudyRelatedInstances - 1,"
+        " NumberOfStudyRelatedSeries = NumberOfStudyRelatedSeries - ?, modalities = ?,"
+        " burst_instances = CASE WHEN claimed THEN burst_instances ELSE MAX(burst_instances - 1, 0) END,"
+        " changed_at = CASE WHEN version > indexed_version THEN changed_at ELSE ? END, version = version + 1"
+        " WHERE StudyInstanceUID = ?",
+        (series_gone, _dumps(sorted(modalities)), now, study_uid),
+    )
+    _replace_representative(c, "study", study_uid, sop_instance_uid)
+
+
+def _replace_representative(c: sqlite3.Connection, level: Level, uid: str, removed: str) -> None:
+    """Let the earliest remaining instance answer for a series or study whose representative left."""
+    table, key = _TABLE[level], UID_OF[level]
+    current = c.execute(f"SELECT representative FROM {table} WHERE {key} = ?", (uid,)).fetchone()  # noqa: S608
+    if current is None or current[0] != removed:
+        return
+    row = c.execute(
+        f"SELECT SOPInstanceUID, dataset, attributes FROM instances WHERE {key} = ? ORDER BY seq LIMIT 1",  # noqa: S608
+        (uid,),
+    ).fetchone()
+    fields = _qido.level_fields(json.loads(row[2]), level)
+    assignments = ", ".join(f"{kw} = ?" for kw in fields)
+    c.execute(
+        f"UPDATE {table} SET representative = ?, dataset = ?, {assignments} WHERE {key} = ?",  # noqa: S608
+        (row[0], _dumps(_qido.project(json.loads(row[1]), level)), *fields.values(), uid),
+    )
+
+
+def _claim_ready(c: sqlite3.Connection, quiet_before: float, limit: int) -> list[ReadyStudy]:
+    rows = c.execute(
+        "SELECT StudyInstanceUID, burst, burst_instances, NumberOfStudyRelatedInstances, PatientID,"
+        " modalities, sources FROM studies WHERE boundary = 1 AND claimed = 0 AND last_arrival < ?"
+        " ORDER BY last_arrival LIMIT ?",
+        (quiet_before, limit),
+    ).fetchall()
+    c.executemany("UPDATE studies SET claimed = 1 WHERE StudyInstanceUID = ?", [(row[0],) for row in rows])
+    return [
+        ReadyStudy(
+            study_uid=row[0], burst=row[1], burst_instances=row[2], total_instances=row[3], patient_id=row[4],
+            modalities=tuple(json.loads(row[5])), sources=tuple(json.loads(row[6])),
+        )
+        for row in rows
+    ]
+
+
+def _where(plan: Plan) -> tuple[str, list[Any]]:
+    params: list[Any] = []
+    clauses = []
+    for level, conditions in plan.conditions.items():
+        inner = " AND ".join(_condition_sql(level, condition, params) for condition in conditions)
+        if level == plan.level:
+            clauses.append(inner)
+        else:
+            key = _qido.link(plan.level, level)
+            clauses.append(f"{key} IN (SELECT {key} FROM {_TABLE[level]} WHERE {inner})")  # noqa: S608
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _condition_sql(level: Level, condition: Condition, params: list[Any]) -> str:
+    if level == "study" and condition.attribute == "ModalitiesInStudy":
+        modality = Condition("Modality", condition.op, condition.value)
+        inner = _condition_sql("series", modality, params)
+        return f"StudyInstanceUID IN (SELECT StudyInstanceUID FROM series WHERE {inner})"  # noqa: S608
+    column = condition.attribute  # a keyword from attributes.TAGS, never user text
+    if condition.op == "in":
+        values = list(condition.value)
+        if len(values) > _MANY_PARAMETERS:
+            params.append(_dumps(values))
+            return f"{column} IN (SELECT value FROM json_each(?))"  # noqa: S608
+        params.extend(values)
+        return f"{column} IN ({', '.join('?' * len(values))})"
+    if condition.op == "eq":
+        params.append(condition.value)
+        return f"{column} = ?"
+    if condition.op == "wildcard":
+        params.append(_qido.wildcard_to_glob(condition.value))
+        return f"{column} GLOB ?"
+    low, high = condition.value
+    parts = []
+    if low is not None:
+        params.append(low)
+        parts.append(f"{column} >= ?")
+    if high is not None:
+        params.append(high)
+        parts.append(f"{column} <= ?")
+    return " AND ".join(parts)
+
+
+def _result(level: Level, row: Sequence[Any]) -> DicomJson:
+    if level == "study":
+        uid, dataset, modalities, series, instances = row
+        return _qido.level_json("study", json.loads(dataset), {
+            "StudyInstanceUID": uid, "ModalitiesInStudy": json.loads(modalities),
+            "NumberOfStudyRelatedSeries": series, "NumberOfStudyRelatedInstances": instances,
+        })
+    if level == "series":
+        study_uid, series_uid, dataset, instances = row
+        return _qido.level_json("series", json.loads(dataset), {
+            "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+            "NumberOfSeriesRelatedInstances": instances,
+        })
+    study_uid, series_uid, sop_uid, dataset = row
+    return _qido.level_json("instance", json.loads(dataset), {
+        "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid,
+    })
+
+
+def _record(row: Sequence[Any]) -> InstanceRecord:
+    return InstanceRecord(
+        study_uid=row[0], series_uid=row[1], sop_instance_uid=row[2], sop_class_uid=row[3],
+        transfer_syntax_uid=row[4], sha256=row[5], size=row[6], source=row[7],
+        received_at=datetime.fromisoformat(row[8]), dataset=json.loads(row[9]),
+        attributes=json.loads(row[10]),
+    )
+
+
+_SEARCH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL UNIQUE
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS study_text USING fts5 (
+    patient_name, ids, descriptions, tokenize = 'unicode61 remove_diacritics 2'
+);
+CREATE TABLE IF NOT EXISTS name_words (
+    word TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    PRIMARY KEY (word, study_uid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS name_words_by_study ON name_words (study_uid);
+"""
+_DROP_SEARCH = """
+DROP TABLE IF EXISTS study_text;
+DROP TABLE IF EXISTS name_words;
+DROP TABLE IF EXISTS documents;
+"""
+
+
+class SqliteSearchIndex:
+    """The search index in one SQLite file: FTS5 for free text, name words for fuzzy names.
+
+    Fuzzy patient-name matching is computed in Python: the query and each indexed name are split
+    into words (``^``, spaces and punctuation separate them, case folded); a study matches when
+    every query word is close to some word of its name, in any order. A query word is close to a
+    name word that starts with it or lies within Elasticsearch's ``AUTO`` edit distance (0 edits up
+    to 2 letters, 1 up to 5, else 2; an adjacent swap is one edit). Candidates are the distinct
+    indexed words of a plausible length, so the cost grows with the vocabulary of names, not with
+    the number of studies. Phonetic matching is not used: Elasticsearch's integration build has no
+    phonetic analysis, and both indexes should answer alike.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._db = _Database(path, _SEARCH_SCHEMA)
+
+    async def start(self) -> None:
+        """Open the file and create the tables if absent."""
+        await self._db.start()
+
+    async def close(self) -> None:
+        """Stop the threads and close the connections."""
+        await self._db.close()
+
+    async def ping(self) -> bool:
+        """True when the file answers a query."""
+        try:
+            return await self._db.read(lambda c: c.execute("SELECT 1").fetchone() == (1,))
+        except (sqlite3.Error, RuntimeError):
+            return False
+
+    async def index_studies(self, studies: Sequence[DicomJson]) -> None:
+        """Add or replace study documents in one transaction."""
+        documents = [_search.study_document(study) for study in studies]
+        if documents:
+            await self._db.write(lambda c: _index_documents(c, documents))
+
+    async def fuzzy_patient_names(self, name: str, limit: int = 1000) -> list[str]:
+        """Studies whose patient name is close to ``name`` (see the class docstring), closest first."""
+        words = _search.name_tokens(name)
+        if not words:
+            return []
+        return await self._db.read(lambda c: _fuzzy(c, words, limit))
+
+    async def search(self, text: str, limit: int = 50, offset: int = 0) -> list[str]:
+        """Studies matching every word of ``text`` (as a word prefix), best BM25 rank first."""
+        words = _search.name_tokens(text)
+        if not words:
+            return []
+        expression = " ".join(f'"{word}"*' for word in words)  # \w+ words hold no quote
+        sql = (
+            "SELECT documents.study_uid FROM study_text JOIN documents ON documents.id = study_text.rowid"
+            " WHERE study_text MATCH ? ORDER BY rank, documents.study_uid LIMIT ? OFFSET ?"
+        )
+        rows = await self._db.read(lambda c: c.execute(sql, (expression, limit, offset)).fetchall())
+        return [uid for (uid,) in rows]
+
+    async def reset(self) -> None:
+        """Drop and recreate the index."""
+        await self._db.script(_DROP_SEARCH + _SEARCH_SCHEMA)
+
+
+def _index_documents(c: sqlite3.Connection, documents: Sequence[_search.StudyDocument]) -> None:
+    for document in documents:
+        _index_document(c, document)
+
+
+def _index_document(c: sqlite3.Connection, document: _search.StudyDocument) -> None:
+    c.execute("INSERT OR IGNORE INTO documents (study_uid) VALUES (?)", (document.study_uid,))
+    (doc_id,) = c.execute("SELECT id FROM documents WHERE study_uid = ?", (document.study_uid,)).fetchone()
+    c.execute("DELETE FROM study_text WHERE rowid = ?", (doc_id,))
+    c.execute(
+        "INSERT INTO study_text (rowid, patient_name, ids, descriptions) VALUES (?, ?, ?, ?)",
+        (doc_id, " ".join(_search.name_tokens(document.patient_name)), document.ids, document.descriptions),
+    )
+    c.execute("DELETE FROM name_words WHERE study_uid = ?", (document.study_uid,))
+    c.executemany(
+        "INSERT OR IGNORE INTO name_words (word, study_uid) VALUES (?, ?)",
+        [(word, document.study_uid) for word in _search.name_tokens(document.patient_name)],
+    )
+
+
+def _fuzzy(c: sqlite3.Connection, words: list[str], limit: int) -> list[str]:
+    shortest = max(1, min(len(w) for w in words) - 2)
+    vocabulary = [w for (w,) in c.execute(
+        "SELECT DISTINCT word FROM name_words WHERE length(word) >= ?", (shortest,)
+    )]
+    distance: dict[str, int] = {}  # study -> summed edits over the query words
+    for position, word in enumerate(words):
+        allowed = _search.max_edits(word)
+        close: dict[str, int] = {}
+        for candidate in vocabulary:
+            edits = 0 if candidate.startswith(word) else _search.edit_distance(word, candidate, allowed)
+            if edits <= allowed:
+                close[candidate] = edits
+        found: dict[str, int] = {}
+        for candidate, edits in close.items():
+            for (study_uid,) in c.execute("SELECT study_uid FROM name_words WHERE word = ?", (candidate,)):
+                found[study_uid] = min(edits, found.get(study_uid, edits))
+        if position == 0:
+            distance = found
+        else:
+            distance = {uid: edits + found[uid] for uid, edits in distance.items() if uid in found}
+        if not distance:
+            return []
+    return sorted(distance, key=lambda uid: (distance[uid], uid))[:limit]

@@ -1,0 +1,84 @@
+"""The events ingestion emits, with deterministic message ids so a re-publish is recognised downstream."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from lucerna.core.events import codec
+from lucerna.core.events.ports import Envelope
+from lucerna.core.events.topology import AUDIT_RECORD, STUDY_READY
+from lucerna.core.storage.ports import InstanceRecord, ReadyStudy
+from lucerna.events.v1 import events_pb2
+
+SERVICE = "ingestion"
+
+
+def instance_stored(record: InstanceRecord, traceparent: str | None = None) -> Envelope:
+    """The audit record of one newly stored instance (ids and hashes only, no PHI)."""
+    message = events_pb2.AuditRecord(
+        action=events_pb2.AuditRecord.INSTANCE_STORED,
+        service=SERVICE,
+        at=record.received_at,
+        actor=record.source,
+        study_instance_uid=record.study_uid,
+        series_instance_uid=record.series_uid,
+        sop_instance_uid=record.sop_instance_uid,
+        sha256=record.sha256,
+        details={
+            "sop_class_uid": record.sop_class_uid,
+            "transfer_syntax_uid": record.transfer_syntax_uid,
+            "size": str(record.size),
+        },
+    )
+    return codec.encode(
+        AUDIT_RECORD,
+        message,
+        correlation_id=record.study_uid,
+        message_id=f"instance-stored:{record.sop_instance_uid}:{record.sha256}",
+        timestamp=record.received_at,
+        traceparent=traceparent,
+    )
+
+
+def study_ready(ready: ReadyStudy, at: datetime) -> Envelope:
+    """``study.ready`` for one burst of a study."""
+    message = events_pb2.StudyReady(
+        study_instance_uid=ready.study_uid,
+        burst=ready.burst,
+        burst_instances=ready.burst_instances,
+        total_instances=ready.total_instances,
+        patient_id=ready.patient_id or "",
+        modalities=list(ready.modalities),
+        sources=list(ready.sources),
+        ready_at=at,
+    )
+    return codec.encode(
+        STUDY_READY,
+        message,
+        correlation_id=ready.study_uid,
+        message_id=f"study-ready:{ready.study_uid}:{ready.burst}",
+        timestamp=at,
+    )
+
+
+def study_ready_audit(ready: ReadyStudy, at: datetime) -> Envelope:
+    """The audit record of a study declared ready."""
+    message = events_pb2.AuditRecord(
+        action=events_pb2.AuditRecord.STUDY_READY,
+        service=SERVICE,
+        at=at,
+        actor=",".join(ready.sources),
+        study_instance_uid=ready.study_uid,
+        details={
+            "burst": str(ready.burst),
+            "burst_instances": str(ready.burst_instances),
+            "total_instances": str(ready.total_instances),
+        },
+    )
+    return codec.encode(
+        AUDIT_RECORD,
+        message,
+        correlation_id=ready.study_uid,
+        message_id=f"audit-study-ready:{ready.study_uid}:{ready.burst}",
+        timestamp=at,
+    )

@@ -1,0 +1,1 @@
+"""Lucerna metadata: DICOMweb QIDO-RS and WADO-RS, free-text study search, search-index maintenance."""

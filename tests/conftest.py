@@ -1,0 +1,129 @@
+"""Suite-wide setup: folder markers, and the real servers shared by the integration and e2e tests.
+
+Each server starts once per session, only when a test asks for it, and stops at the end. A server
+that cannot start fails every test that needs it, with the server's log tail; nothing is skipped.
+The servers come from ``infra/local/install.sh`` (``make setup``). When another session on the
+machine holds a server's ports, the next free block of ports is used (fixtures expose URLs and
+ports, so tests never hard-code them); ``LUCERNA_TEST_PORT_OFFSET`` picks the first block, and
+``LUCERNA_KEEP_SERVER_DATA=1`` keeps the servers' folders for a post-mortem.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+_TESTS_DIR = Path(__file__).resolve().parent
+# infra/local/servers.py is a stdlib-only script (it runs before `uv sync`), not a package.
+sys.path.insert(0, str(_TESTS_DIR.parent / "infra" / "local"))
+
+import servers  # noqa: E402
+
+_FOLDER_MARKERS = {"unit": pytest.mark.unit, "e2e": pytest.mark.e2e, "bench": pytest.mark.bench}
+_PORT_STEP = 10
+_PORT_BLOCKS = 20
+S = TypeVar("S", bound=servers.Server)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by top-level folder so that ``-m unit`` etc. select them (integration: its conftest)."""
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(_TESTS_DIR).parts[0]
+        except (ValueError, IndexError):
+            continue
+        marker = _FOLDER_MARKERS.get(folder)
+        if marker is not None:
+            item.add_marker(marker)
+
+
+def _start(make: Callable[[int], S]) -> S:
+    """Start a server on the first block of free ports, or fail the requesting tests loudly."""
+    first = int(os.environ.get("LUCERNA_TEST_PORT_OFFSET", "0"))
+    for block in range(_PORT_BLOCKS):
+        server = make(first + block * _PORT_STEP)
+        if not all(servers.port_is_free(port) for port in server.ports):
+            continue
+        try:
+            server.start()
+        except servers.ServerError as error:
+            failure = str(error)
+        else:
+            return server
+        server.stop()
+        if all(servers.port_is_free(port) for port in server.ports):
+            pytest.fail(f"{server.name} could not start:\n{failure}", pytrace=False)
+        # Another session took the ports between the check and the start: try the next block.
+    pytest.fail(f"no free block of ports for a test server after {_PORT_BLOCKS} tries", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def servers_dir() -> Iterator[Path]:
+    """One folder per session for every server's data and logs, removed at the end."""
+    # Under /tmp and world-searchable: under root, Elasticsearch runs as an unprivileged user.
+    path = Path(tempfile.mkdtemp(prefix="lucerna-servers-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    if os.environ.get("LUCERNA_KEEP_SERVER_DATA") != "1":
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(servers_dir: Path) -> Iterator[servers.RabbitMQ]:
+    """The RabbitMQ broker: ``.url``, and ``.restart()`` that keeps durable queues and messages.
+
+    ``restart()`` blocks for several seconds: from async code, ``await asyncio.to_thread(rabbitmq.restart)``.
+    """
+    server = _start(lambda offset: servers.RabbitMQ(servers_dir, port_offset=offset))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(rabbitmq: servers.RabbitMQ) -> str:
+    """AMQP URL of the session's broker (guest over loopback)."""
+    return rabbitmq.url
+
+
+@pytest.fixture(scope="session")
+def elasticsearch(servers_dir: Path) -> Iterator[servers.Elasticsearch]:
+    """The Elasticsearch node (single node, security off, integ-test zip: core modules only)."""
+    server = _start(lambda offset: servers.Elasticsearch(servers_dir, port_offset=offset))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def elasticsearch_url(elasticsearch: servers.Elasticsearch) -> str:
+    """HTTP URL of the session's Elasticsearch node."""
+    return elasticsearch.url
+
+
+@pytest.fixture(scope="session")
+def ferretdb(servers_dir: Path) -> Iterator[servers.FerretDB]:
+    """The MongoDB wire-protocol server (FerretDB v1 on SQLite)."""
+    server = _start(lambda offset: servers.FerretDB(servers_dir, port_offset=offset))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongodb_url(ferretdb: servers.FerretDB) -> str:
+    """``mongodb://127.0.0.1:<port>/`` of the session's FerretDB."""
+    return ferretdb.url
+
+
+@pytest.fixture(scope="session")
+def orthanc(servers_dir: Path) -> Iterator[servers.Orthanc]:
+    """Orthanc with DICOMweb: ``.http_url``, ``.dicomweb_url``, ``.dicom_port``, ``.ae_title``, and
+    ``.add_modality(name, aet, host, port)`` to let it send to a DICOM node (e.g. Lucerna's SCP)."""
+    server = _start(lambda offset: servers.Orthanc(servers_dir, port_offset=offset))
+    yield server
+    server.stop()

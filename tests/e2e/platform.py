@@ -1,0 +1,87 @@
+"""Run the platform as a user does (`lucerna up`) in a child process, for e2e tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LucernaProcess:
+    """`lucerna up` with its own data folder and ports; extra settings as LUCERNA_* variables."""
+
+    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.http_port = free_port()
+        self.dimse_port = free_port()
+        self.ae_title = "LUCERNA"
+        self.env = {
+            **os.environ,
+            "LUCERNA_DATA_DIR": str(data_dir),
+            "LUCERNA_HTTP_PORT": str(self.http_port),
+            "LUCERNA_INGESTION_DIMSE_PORT": str(self.dimse_port),
+            "LUCERNA_INGESTION_AE_TITLE": self.ae_title,
+            **(settings or {}),
+        }
+        self.log_path = data_dir / "lucerna.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The HTTP root."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb root."""
+        return f"{self.base_url}/dicom-web"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start and wait until /healthz answers 200."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lucerna.core.cli", "up"], env=self.env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lucerna up exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"lucerna up not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM), then kill if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the process's log, for error messages."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

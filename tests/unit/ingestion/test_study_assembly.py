@@ -1,0 +1,117 @@
+"""Study assembly: one study.ready per burst, after its boundary and the quiet period."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydicom.uid import generate_uid
+
+from lucerna.core.events.ports import Envelope, PublishError
+from lucerna.core.service import Resources
+from lucerna.ingestion.assembly import StudyAssembler, end_of_burst
+from lucerna.ingestion.ingest import Ports, ingest
+from lucerna.ingestion.service import IngestionService
+from lucerna.ingestion.settings import IngestionSettings
+
+QUIET = timedelta(seconds=2)
+
+
+async def store_burst(ports: Ports, ct: Callable[..., bytes], study: str, count: int) -> None:
+    outcomes = await ingest(ports, [ct(study=study) for _ in range(count)], "dimse:CT1@10.0.0.5")
+    assert all(o.succeeded for o in outcomes)
+    await end_of_burst(ports.metadata, [study])
+
+
+async def test_one_study_ready_per_burst(
+    ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
+) -> None:
+    assembler = StudyAssembler(resources.metadata, resources.bus, QUIET)
+    study = generate_uid()
+    await store_burst(ports, ct, study, 3)
+
+    assert await assembler.run_once(datetime.now(UTC)) == []  # boundary seen, but not yet quiet
+    later = datetime.now(UTC) + QUIET * 2
+    [claimed] = await assembler.run_once(later)
+    assert (claimed.study_uid, claimed.burst, claimed.burst_instances) == (study, 1, 3)
+    assert await assembler.run_once(later + QUIET) == []  # handed out exactly once
+
+    await store_burst(ports, ct, study, 2)
+    [second] = await assembler.run_once(datetime.now(UTC) + QUIET * 2)
+    assert (second.burst, second.burst_instances, second.total_instances) == (2, 2, 5)
+
+    await events.settle()
+    first_event, second_event = events.studies_ready()
+    assert (first_event.study_instance_uid, first_event.burst, first_event.burst_instances) == (study, 1, 3)
+    assert (second_event.burst, second_event.burst_instances, second_event.total_instances) == (2, 2, 5)
+    assert list(first_event.modalities) == ["CT"] and list(first_event.sources) == ["dimse:CT1@10.0.0.5"]
+    assert [e.message_id for e in events.ready] == [f"study-ready:{study}:1", f"study-ready:{study}:2"]
+    assert {e.correlation_id for e in events.ready} == {study}
+    audits = [r for r in events.audit_records() if r.action == r.STUDY_READY]
+    assert [(r.study_instance_uid, r.details["burst"]) for r in audits] == [(study, "1"), (study, "2")]
+
+
+async def test_no_boundary_no_study_ready(
+    ports: Ports, resources: Resources, ct: Callable[..., bytes]
+) -> None:
+    study = generate_uid()
+    await ingest(ports, [ct(study=study)], "dimse:CT1@10.0.0.5")  # association still open
+    assembler = StudyAssembler(resources.metadata, resources.bus, QUIET)
+    assert await assembler.run_once(datetime.now(UTC) + QUIET * 10) == []
+
+
+class FlakyBus:
+    """Refuses study.ready until told to recover."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.down = True
+
+    async def publish(self, envelope: Envelope) -> None:
+        if self.down and envelope.routing_key == "study.ready":
+            raise PublishError("broker unreachable")
+        await self.inner.publish(envelope)
+
+
+async def test_unpublished_events_are_kept_and_nothing_more_is_claimed(
+    ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
+) -> None:
+    bus = FlakyBus(resources.bus)
+    assembler = StudyAssembler(resources.metadata, bus, QUIET)  # type: ignore[arg-type]
+    first, second = generate_uid(), generate_uid()
+    await store_burst(ports, ct, first, 1)
+    later = datetime.now(UTC) + QUIET * 2
+    assert [r.study_uid for r in await assembler.run_once(later)] == [first]
+    assert assembler.pending == 1
+
+    await store_burst(ports, ct, second, 1)
+    assert await assembler.run_once(datetime.now(UTC) + QUIET * 2) == []  # still pending: claims nothing
+
+    bus.down = False
+    assert [r.study_uid for r in await assembler.run_once(datetime.now(UTC) + QUIET * 2)] == [second]
+    assert assembler.pending == 0
+    await events.settle()
+    assert [e.study_instance_uid for e in events.studies_ready()] == [first, second]
+
+
+async def test_the_service_loop_announces_a_stow_burst_once(
+    ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
+) -> None:
+    service = IngestionService(
+        IngestionSettings(dimse_enabled=False, quiet_period_seconds=0.1, assembly_interval_seconds=0.02)
+    )
+    await service.start(resources)
+    try:
+        study = generate_uid()
+        await store_burst(ports, ct, study, 2)
+        for _ in range(200):
+            if events.ready:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # several more scans: still one event
+    finally:
+        await service.stop()
+    [ready] = events.studies_ready()
+    assert (ready.study_instance_uid, ready.burst_instances) == (study, 2)
