@@ -1,46 +1,14 @@
 """The metadata service over the server adapters: FerretDB (MongoDB wire) and Elasticsearch."""
 
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from elasticsearch import AsyncElasticsearch
 from pymongo import AsyncMongoClient
 
-# The service helpers are shared with the unit tests (tests/unit/metadata/dicomweb_testkit.py).
-for _folder in (
-    Path(__file__).resolve().parents[3],
-    Path(__file__).resolve().parents[2] / "unit" / "metadata",
-):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-from dicomweb_testkit import Env, running, seed  # noqa: E402
-
-from lucerna.core.auth import Authenticator  # noqa: E402
-from lucerna.core.events.inprocess import InProcessBus  # noqa: E402
-from lucerna.core.service import Resources  # noqa: E402
-from lucerna.core.settings import CoreSettings  # noqa: E402
-from lucerna.core.storage.blobs import FilesystemBlobStore  # noqa: E402
-from lucerna.core.storage.elastic import ElasticSearchIndex  # noqa: E402
-from lucerna.core.storage.mongo import MongoMetadataStore  # noqa: E402
-
-
-def server_resources(
-    folder: Path, mongodb_url: str, database: str, elasticsearch_url: str, index: str
-) -> Resources:
-    """Resources on the session's FerretDB and Elasticsearch (not started)."""
-    settings = CoreSettings(data_dir=folder, auth_required=False)
-    return Resources(
-        settings=settings,
-        auth=Authenticator(settings),
-        bus=InProcessBus(),
-        blobs=FilesystemBlobStore(folder / "blobs"),
-        metadata=MongoMetadataStore(mongodb_url, database),
-        search=ElasticSearchIndex(elasticsearch_url, index),
-    )
+from tests.integration.metadata.server_kit import server_resources
+from tests.unit.metadata.dicomweb_testkit import Env, running, seed
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import pytest
-from conftest import server_resources
-from dicomweb_testkit import BASE_URL, Env, read_parts
 
 from lucerna.core.storage.elastic import ElasticSearchIndex
 from lucerna.metadata.indexing import index_changes, reindex
+from tests.integration.metadata.server_kit import server_resources
+from tests.unit.metadata.dicomweb_testkit import BASE_URL, Env, read_parts
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from dicomweb_testkit import Env, seed
 
 from lucerna.core.auth import Authenticator
 from lucerna.core.events.inprocess import InProcessBus
@@ -20,6 +19,7 @@ from lucerna.core.settings import CoreSettings
 from lucerna.core.storage.blobs import FilesystemBlobStore
 from lucerna.core.storage.sqlite import SqliteMetadataStore, SqliteSearchIndex
 from lucerna.metadata.service import MetadataService
+from tests.unit.metadata.dicomweb_testkit import Env, seed
 
 pytestmark = pytest.mark.integration
 

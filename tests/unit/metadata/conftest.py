@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from dicomweb_testkit import Env, running, seed
 
 from lucerna.core.auth import Authenticator
 from lucerna.core.events.inprocess import InProcessBus
@@ -15,6 +14,7 @@ from lucerna.core.service import Resources
 from lucerna.core.settings import CoreSettings
 from lucerna.core.storage.blobs import FilesystemBlobStore
 from lucerna.core.storage.sqlite import SqliteMetadataStore, SqliteSearchIndex
+from tests.unit.metadata.dicomweb_testkit import Env, running, seed
 
 
 def make_resources(tmp_path: Path, **settings: object) -> Resources:

@@ -4,7 +4,6 @@ from io import BytesIO
 
 import pydicom
 import pytest
-from dicomweb_testkit import bundled_file, part10
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -19,6 +18,7 @@ from lucerna.metadata.bulkdata import (
 )
 from lucerna.metadata.errors import InvalidRequestError, NotAcceptableError, NotFoundError
 from lucerna.metadata.frames import parse_frame_list, pixel_frames
+from tests.unit.metadata.dicomweb_testkit import bundled_file, part10
 
 pytestmark = pytest.mark.unit
 

@@ -1,10 +1,10 @@
 """Accept header negotiation and the multipart/related writer (pure)."""
 
 import pytest
-from dicomweb_testkit import read_parts
 
 from lucerna.metadata.multipart import Part, content_type, encode_parts, new_boundary, stream_parts
 from lucerna.metadata.negotiation import accepted_transfer_syntax, choose_json, parse_accept
+from tests.unit.metadata.dicomweb_testkit import read_parts
 
 pytestmark = pytest.mark.unit
 

@@ -1,9 +1,9 @@
 """QIDO-RS over HTTP against the embedded store."""
 
 import pytest
-from dicomweb_testkit import BASE_URL, Env
 
 from lucerna.events.v1.events_pb2 import AuditRecord
+from tests.unit.metadata.dicomweb_testkit import BASE_URL, Env
 
 pytestmark = pytest.mark.unit
 

@@ -3,11 +3,11 @@
 import hashlib
 
 import pytest
-from dicomweb_testkit import BASE_URL, Env, read_parts
 
 from lucerna.events.v1.events_pb2 import AuditRecord
 from lucerna.metadata.bulkdata import read_dataset
 from lucerna.metadata.frames import pixel_frames
+from tests.unit.metadata.dicomweb_testkit import BASE_URL, Env, read_parts
 
 pytestmark = pytest.mark.unit
 
