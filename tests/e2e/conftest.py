@@ -10,24 +10,40 @@ import pytest
 from tests.e2e.platform import LucernaProcess
 
 
+def _start(kind: str, request: pytest.FixtureRequest, tmp: pytest.TempPathFactory) -> LucernaProcess:
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    settings = {"LUCERNA_INGESTION_QUIET_PERIOD_SECONDS": "0.5"}
+    if kind == "servers":
+        settings |= {
+            "LUCERNA_METADATA_BACKEND": "mongodb",
+            "LUCERNA_MONGODB_URL": request.getfixturevalue("mongodb_url"),
+            "LUCERNA_MONGODB_DATABASE": f"e2e_{name}",
+            "LUCERNA_SEARCH_BACKEND": "elasticsearch",
+            "LUCERNA_ELASTICSEARCH_URL": request.getfixturevalue("elasticsearch_url"),
+            "LUCERNA_ELASTICSEARCH_INDEX": f"e2e-{name}".lower().replace("_", "-"),
+            "LUCERNA_BUS_BACKEND": "rabbitmq",
+            "LUCERNA_RABBITMQ_URL": request.getfixturevalue("rabbitmq_url"),
+        }
+    process = LucernaProcess(Path(tmp.mktemp(f"lucerna-{kind}")), settings)
+    process.start()
+    return process
+
+
 @pytest.fixture(scope="module", params=["embedded", "servers"])
 def platform(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LucernaProcess]:
     """`lucerna up` on SQLite + in-process bus, or on FerretDB + Elasticsearch + RabbitMQ."""
-    settings = {"LUCERNA_INGESTION_QUIET_PERIOD_SECONDS": "0.5"}
-    if request.param == "servers":
-        settings |= {
-            "LUCERNA_METADATA_BACKEND": "mongodb",
-            "LUCERNA_MONGODB_URL": request.getfixturevalue("mongodb_url"),
-            "LUCERNA_MONGODB_DATABASE": f"e2e_{request.module.__name__.rsplit('.', 1)[-1]}",
-            "LUCERNA_SEARCH_BACKEND": "elasticsearch",
-            "LUCERNA_ELASTICSEARCH_URL": request.getfixturevalue("elasticsearch_url"),
-            "LUCERNA_ELASTICSEARCH_INDEX": f"e2e-{request.module.__name__.rsplit('.', 1)[-1]}".lower(),
-            "LUCERNA_BUS_BACKEND": "rabbitmq",
-            "LUCERNA_RABBITMQ_URL": request.getfixturevalue("rabbitmq_url"),
-        }
-    process = LucernaProcess(Path(tmp_path_factory.mktemp(f"lucerna-{request.param}")), settings)
-    process.start()
+    process = _start(request.param, request, tmp_path_factory)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def servers_platform(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LucernaProcess]:
+    """`lucerna up` on the real servers only, for what only they let a test observe (RabbitMQ queues)."""
+    process = _start("servers", request, tmp_path_factory)
     yield process
     process.stop()
