@@ -22,12 +22,16 @@ from lucerna.core.storage.ports import (
     MetadataStore,
     PutOutcome,
     Query,
+    ReadyStudy,
     SearchIndex,
 )
 
 __all__ = [
+    "test_a_claim_not_acknowledged_is_claimable_again_after_its_lease",
+    "test_a_missed_boundary_ends_the_burst_after_the_maximum_idle_time",
     "test_aggregates_count_series_instances_and_modalities",
     "test_assembly_boundary_and_quiet_period",
+    "test_audit_outbox_holds_created_instances_until_cleared",
     "test_batch_outcomes_are_in_order",
     "test_claim_ready_hands_each_burst_out_once_to_concurrent_claimers",
     "test_concurrent_puts_to_one_study_count_every_instance",
@@ -45,7 +49,9 @@ __all__ = [
     "test_match_wildcards_and_case_insensitive_names",
     "test_ping",
     "test_put_duplicate_and_conflict",
+    "test_removed_study_leaves_the_search_index",
     "test_search_free_text",
+    "test_search_index_answers_study_queries_as_the_store",
     "test_search_reset_and_replace",
     "test_series_and_instance_queries",
     "test_study_attribute_in_a_series_query_filters_by_parent_study",
@@ -54,6 +60,7 @@ __all__ = [
 ]
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+LEASE = timedelta(seconds=30)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -127,6 +134,13 @@ def value(result: DicomJson, keyword: str) -> Any:
 def uids(results: list[DicomJson], keyword: str = "StudyInstanceUID") -> list[str]:
     """The first value of a UID attribute in each result."""
     return [value(result, keyword)[0] for result in results]
+
+
+async def claim(
+    store: MetadataStore, now: datetime, *, limit: int = 100, max_idle: timedelta = timedelta(days=1)
+) -> list[ReadyStudy]:
+    """The bursts claimable at ``now`` (no quiet period; the lease is ``LEASE``)."""
+    return await store.claim_ready(now, quiet=timedelta(0), max_idle=max_idle, lease=LEASE, limit=limit)
 
 
 async def find(store: MetadataStore, level: str = "study", *matches: Match, **kw: int) -> list[str]:
@@ -357,33 +371,40 @@ async def test_assembly_boundary_and_quiet_period(store: MetadataStore) -> None:
     await store.put_instances([make(sop="1.2.1.1.1", received_at=T0, source="dimse:CT1@10.0.0.1")])
     await store.put_instances([make(sop="1.2.1.1.2", received_at=T0 + timedelta(seconds=5), sha="b")])
     later = T0 + timedelta(minutes=5)
-    assert await store.claim_ready(later) == []  # no boundary yet
+    assert await claim(store, later) == []  # no boundary yet
     await store.mark_boundary(["1.2.1", "9.9.9"], T0 + timedelta(seconds=6))
-    assert await store.claim_ready(T0 + timedelta(seconds=5)) == []  # not quiet long enough
+    assert await claim(store, T0 + timedelta(seconds=5)) == []  # not quiet long enough
     await store.put_instances([make(sop="1.2.1.1.3", received_at=T0 + timedelta(seconds=7), sha="c")])
-    assert await store.claim_ready(later) == []  # a new arrival cleared the boundary
+    assert await claim(store, later) == []  # a new arrival cleared the boundary
     await store.mark_boundary(["1.2.1"], T0 + timedelta(seconds=8))
-    [ready] = await store.claim_ready(later)
+    quiet = await store.claim_ready(
+        T0 + timedelta(seconds=9), quiet=timedelta(seconds=2), max_idle=timedelta(days=1), lease=LEASE
+    )
+    assert quiet == []  # the last arrival (7 s) is not 2 s before 9 s
+    [ready] = await claim(store, later)
     assert (ready.study_uid, ready.burst, ready.burst_instances, ready.total_instances) == ("1.2.1", 1, 3, 3)
     assert ready.patient_id == "P1"
     assert ready.modalities == ("CT",)
     assert ready.sources == ("dimse:CT1@10.0.0.1", "stow:test")
-    assert await store.claim_ready(later) == []
+    assert await claim(store, later) == []  # claimed: its lease runs
+    await store.ack_ready("1.2.1", 1)
     await store.put_instances([make(sop="1.2.1.1.1", received_at=later)])  # a duplicate starts no burst
     await store.mark_boundary(["1.2.1"], later)
-    assert await store.claim_ready(later + timedelta(minutes=1)) == []
+    assert await claim(store, later + timedelta(days=2)) == []
 
 
 async def test_later_burst_gets_the_next_number_and_its_own_count(store: MetadataStore) -> None:
     await store.put_instances([make(sop="1.2.1.1.1"), make(sop="1.2.1.1.2", sha="b")])
     await store.mark_boundary(["1.2.1"], T0)
-    [first] = await store.claim_ready(T0 + timedelta(minutes=1))
-    later = T0 + timedelta(hours=1)
+    [first] = await claim(store, T0 + timedelta(minutes=1))
+    later = T0 + timedelta(minutes=1, seconds=10)
+    # Arrives while the first burst is claimed, not yet acknowledged: it opens the next burst.
     await store.put_instances([
         make(series="1.2.1.2", sop="1.2.1.2.1", sha="c", modality="SR", received_at=later, source="stow:ai")
     ])
+    await store.ack_ready("1.2.1", first.burst)
     await store.mark_boundary(["1.2.1"], later)
-    [second] = await store.claim_ready(later + timedelta(minutes=1))
+    [second] = await claim(store, later + timedelta(seconds=1))
     assert (first.burst, first.burst_instances) == (1, 2)
     assert (second.burst, second.burst_instances, second.total_instances) == (2, 1, 3)
     assert second.modalities == ("CT", "SR")
@@ -397,11 +418,16 @@ async def test_claim_ready_hands_each_burst_out_once_to_concurrent_claimers(
         make(f"1.4.{i}", f"1.4.{i}.1", f"1.4.{i}.1.1", received_at=T0) for i in range(12)
     ])
     await store.mark_boundary([f"1.4.{i}" for i in range(12)], T0)
-    quiet = T0 + timedelta(minutes=1)
-    claimers = [s.claim_ready(quiet, limit=5) for s in (store, other_store) * 4]
-    claimed = [ready.study_uid for batch in await asyncio.gather(*claimers) for ready in batch]
-    claimed += [ready.study_uid for ready in await store.claim_ready(quiet)]  # any a claimer left over
-    assert sorted(claimed) == sorted(f"1.4.{i}" for i in range(12))
+    everything = sorted(f"1.4.{i}" for i in range(12))
+
+    async def claim_concurrently(now: datetime) -> list[str]:
+        claimers = [claim(s, now, limit=5) for s in (store, other_store) * 4]
+        claimed = [ready.study_uid for batch in await asyncio.gather(*claimers) for ready in batch]
+        return claimed + [ready.study_uid for ready in await claim(store, now)]  # any a claimer left over
+
+    assert sorted(await claim_concurrently(T0 + timedelta(minutes=1))) == everything
+    # Nobody acknowledged: once the leases expire, each burst is handed out once again.
+    assert sorted(await claim_concurrently(T0 + timedelta(minutes=1) + LEASE * 2)) == everything
 
 
 async def test_concurrent_puts_to_one_study_count_every_instance(
@@ -422,10 +448,64 @@ async def test_concurrent_puts_to_one_study_count_every_instance(
     assert value(study, "ModalitiesInStudy") == ["CT", "PT"]
     series = await store.query(Query("series"))
     assert [value(s, "NumberOfSeriesRelatedInstances") for s in series] == [[20], [20]]
-    [ready] = await store.claim_ready(T0 + timedelta(minutes=1))
+    [ready] = await claim(store, T0 + timedelta(minutes=1))
     assert (ready.burst, ready.burst_instances, ready.total_instances) == (1, 40, 40)
     assert ready.sources == ("stow:client0", "stow:client1", "stow:client2")
     assert len(await store.studies_to_index()) == 1
+
+
+async def test_a_claim_not_acknowledged_is_claimable_again_after_its_lease(store: MetadataStore) -> None:
+    await store.put_instances([make(sop="1.2.1.1.1"), make(sop="1.2.1.1.2", sha="b")])
+    await store.mark_boundary(["1.2.1"], T0)
+    claimed_at = T0 + timedelta(minutes=1)
+    [first] = await claim(store, claimed_at)
+    assert await claim(store, claimed_at + LEASE - timedelta(seconds=1)) == []  # its claimer may publish
+    [again] = await claim(store, claimed_at + LEASE + timedelta(seconds=1))  # its claimer died
+    assert again == first
+    await store.ack_ready("1.2.1", again.burst)
+    assert await claim(store, claimed_at + LEASE * 10) == []  # acknowledged: never again
+    await store.ack_ready("1.2.1", again.burst)  # a second acknowledgement changes nothing
+    await store.put_instances([make(sop="1.2.1.1.3", sha="c", received_at=T0 + timedelta(hours=1))])
+    await store.mark_boundary(["1.2.1"], T0 + timedelta(hours=1))
+    await store.ack_ready("1.2.1", 2)  # an open burst is not acknowledged before its claim
+    [second] = await claim(store, T0 + timedelta(hours=2))
+    assert (second.burst, second.burst_instances, second.total_instances) == (2, 1, 3)
+
+
+async def test_a_missed_boundary_ends_the_burst_after_the_maximum_idle_time(store: MetadataStore) -> None:
+    await store.put_instances([make(sop="1.2.1.1.1", received_at=T0)])
+    await store.put_instances([make(sop="1.2.1.1.2", sha="b", received_at=T0 + timedelta(seconds=30))])
+    max_idle = timedelta(minutes=5)
+    assert await claim(store, T0 + timedelta(minutes=5), max_idle=max_idle) == []  # last arrival 30 s in
+    [ready] = await claim(store, T0 + timedelta(minutes=6), max_idle=max_idle)
+    assert (ready.study_uid, ready.burst, ready.burst_instances) == ("1.2.1", 1, 2)
+    await store.ack_ready("1.2.1", 1)
+    assert await claim(store, T0 + timedelta(days=1), max_idle=max_idle) == []
+
+
+async def test_audit_outbox_holds_created_instances_until_cleared(store: MetadataStore) -> None:
+    first, second = make(sop="1.2.1.1.1"), make(sop="1.2.1.1.2", instance_number=2, sha="b")
+    assert await store.put_instances([first, second]) == [PutOutcome.CREATED] * 2
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    assert await store.pending_audit(datetime.now(UTC) - timedelta(minutes=1)) == []  # none stored before
+    pending = await store.pending_audit(later)
+    assert sorted(r.sop_instance_uid for r in pending) == ["1.2.1.1.1", "1.2.1.1.2"]
+    assert {r.sop_instance_uid: r for r in pending}["1.2.1.1.2"] == await store.get_instance("1.2.1.1.2")
+    assert len(await store.pending_audit(later, limit=1)) == 1
+    third = make(sop="1.2.1.1.3", instance_number=3, sha="c")
+    outcomes = await store.put_instances([first, make(sop="1.2.1.1.2", sha="z"), third])
+    assert outcomes == [PutOutcome.DUPLICATE, PutOutcome.CONFLICT, PutOutcome.CREATED]
+    pending = await store.pending_audit(later)
+    assert sorted((r.sop_instance_uid, r.sha256) for r in pending) == [
+        ("1.2.1.1.1", "a" * 64), ("1.2.1.1.2", "b" * 64), ("1.2.1.1.3", "c" * 64),
+    ]
+    await store.clear_audit(["1.2.1.1.1", "1.2.1.1.3"])
+    await store.clear_audit([])
+    assert [r.sop_instance_uid for r in await store.pending_audit(later)] == ["1.2.1.1.2"]
+    assert await store.put_instances([first]) == [PutOutcome.DUPLICATE]  # published already: not again
+    assert [r.sop_instance_uid for r in await store.pending_audit(later)] == ["1.2.1.1.2"]
+    await store.delete_instance("1.2.1.1.2")
+    assert await store.pending_audit(later) == []
 
 
 async def test_index_outbox_skips_a_study_changed_meanwhile(store: MetadataStore) -> None:
@@ -512,3 +592,79 @@ async def test_search_reset_and_replace(store: MetadataStore, search: SearchInde
         await refresh()
     assert await search.search("brain") == []
     assert await search.fuzzy_patient_names("SMITH") == []
+
+
+async def test_search_index_answers_study_queries_as_the_store(
+    store: MetadataStore, search: SearchIndex
+) -> None:
+    await three_studies(store)
+    await store.put_instances([
+        make("1.2.4", "1.2.4.1", "1.2.4.1.1", patient=None, study_date=None, accession="A4"),
+        make("1.2.5", "1.2.5.1", "1.2.5.1.1", patient="smith^bob", study_date="20240315", modality="US"),
+    ])
+    await index_all(store, search)
+    attribute_queries = [
+        Query("study"),
+        Query("study", limit=2, offset=1),
+        Query("study", [Match("PatientName", "wildcard", "SMITH*")]),
+        Query("study", [Match("PatientName", "wildcard", "do?^*")]),
+        Query("study", [Match("PatientName", "wildcard", "*^ANNA")]),
+        Query("study", [Match("PatientName", "exact", "doe^john")]),
+        Query("study", [Match("PatientName", "wildcard", "*")]),
+        Query("study", [Match("StudyDate", "range", ("20240101", "20241231"))]),
+        Query("study", [Match("StudyDate", "range", (None, "20240102"))]),
+        Query("study", [Match("StudyDate", "exact", "20240315")]),
+        Query("study", [Match("ModalitiesInStudy", "exact", "MR")]),
+        Query("study", [Match("ModalitiesInStudy", "uids", ["CT", "US"])]),
+        Query("study", [Match("ModalitiesInStudy", "wildcard", "U?")]),
+        Query("study", [Match("AccessionNumber", "uids", ["A2", "A4"])]),
+        Query("study", [Match("StudyDescription", "wildcard", "*MR")]),
+        Query("study", [Match("StudyDescription", "wildcard", "*mr")]),
+        Query("study", [Match("PatientID", "exact", "p2")]),
+        Query("study", [Match("AccessionNumber", "wildcard", "A.")]),
+        Query("study", [Match("NumberOfStudyRelatedInstances", "exact", 2)]),
+        Query("study", [Match("InstanceAvailability", "exact", "OFFLINE")]),
+        Query("study", [
+            Match("StudyDate", "range", ("20240101", None)),
+            Match("PatientName", "wildcard", "S*"),
+        ]),
+        Query("study", [
+            Match("PatientName", "exact", "SMITH^BOB"),
+            Match("ModalitiesInStudy", "exact", "US"),
+        ]),
+    ]
+    answers = [await search.query_studies(query) for query in attribute_queries]
+    assert len({answer is None for answer in answers}) == 1  # an index answers all of them or none
+    # Attributes of series or instances need the store; an index may decline them.
+    declined = [Query("study", [Match("Modality", "exact", "MR")]), Query("series"), Query("instance")]
+    for query, answer in [
+        *zip(attribute_queries, answers, strict=True),
+        *[(query, await search.query_studies(query)) for query in declined],
+    ]:
+        if answer is not None:
+            assert answer == await store.query(query), query
+
+
+async def test_removed_study_leaves_the_search_index(store: MetadataStore, search: SearchIndex) -> None:
+    await three_studies(store)
+    await store.put_instances([make("1.2.9", "1.2.9.1", "1.2.9.1.1", patient="Gone^Soon", accession="A9")])
+    await index_all(store, search)
+    pending = await store.studies_to_index()
+    await store.mark_indexed([(uids([study])[0], version) for study, version in pending])
+    await store.delete_instance("1.2.9.1.1")
+    [(tombstone, version)] = await store.studies_to_index()
+    assert uids([tombstone]) == ["1.2.9"]
+    assert value(tombstone, "NumberOfStudyRelatedInstances") == [0]
+    assert await store.index_lag_seconds() >= 0
+    await index_all(store, search)
+    assert await search.fuzzy_patient_names("GONE^SOON") == []
+    assert await search.search("A9") == []
+    everything = await search.query_studies(Query("study"))
+    assert everything is None or uids(everything) == ["1.2.2", "1.2.1", "1.2.3"]
+    await store.mark_indexed([("1.2.9", version)])
+    assert await store.studies_to_index() == []
+    await store.put_instances([make("1.2.9", "1.2.9.1", "1.2.9.1.2", patient="Back^Again", sha="b")])
+    [(study, again)] = await store.studies_to_index()
+    assert value(study, "NumberOfStudyRelatedInstances") == [1]
+    await store.mark_indexed([("1.2.9", version)])  # a stale version leaves the new change pending
+    assert await store.studies_to_index() == [(study, again)]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -21,7 +24,8 @@ def free_port() -> int:
 
 
 class LucernaProcess:
-    """`lucerna up` with its own data folder and ports; extra settings as LUCERNA_* variables."""
+    """`lucerna up` with its own data folder and ports; extra settings as LUCERNA_* variables
+    (``LUCERNA_WORKERS``: worker processes, by default as many as the machine's CPUs, at most 4)."""
 
     def __init__(self, data_dir: Path, settings: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
@@ -79,6 +83,44 @@ class LucernaProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has exited, else None."""
+        return None if self.process is None else self.process.poll()
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of the supervisor (none when it runs with one worker)."""
+        if self.process is None:
+            return []
+        try:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in children.split()]
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        """The JSON log lines so far."""
+        entries = []
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+    def wait_for_log(
+        self, matches: Callable[[dict[str, Any]], bool], count: int = 1, timeout: float = 30.0
+    ) -> None:
+        """Wait until ``count`` log entries match."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for entry in self.log_entries() if matches(entry)) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"expected log entries not seen after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.1)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the process's log, for error messages."""

@@ -1,4 +1,5 @@
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,11 @@ async def test_delete_and_missing(tmp_path: Path) -> None:
 async def test_rejects_paths_that_are_not_digests(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         await FilesystemBlobStore(tmp_path).get("../../etc/passwd")
+
+
+async def test_a_folder_removed_behind_its_back_is_made_again(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    first = await store.put(b"first")
+    shutil.rmtree(tmp_path / first.sha256[:2])
+    again = await store.put(b"first")
+    assert again.created and await store.get(first.sha256) == b"first"

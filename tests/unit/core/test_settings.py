@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,13 @@ def test_production_starts_with_real_secrets(tmp_path: Path) -> None:
 def test_secrets_do_not_appear_in_the_settings_repr() -> None:
     settings = CoreSettings(rabbitmq_url=SecretStr("amqp://u:topsecret@h:5672/"))
     assert "topsecret" not in repr(settings)
+
+
+def test_workers_default_to_the_cpus_at_most_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LUCERNA_WORKERS", raising=False)
+    assert CoreSettings().workers == max(1, min(len(os.sched_getaffinity(0)), 4))
+    monkeypatch.setenv("LUCERNA_WORKERS", "1")
+    assert CoreSettings().workers == 1
+    monkeypatch.setenv("LUCERNA_WORKERS", "0")
+    with pytest.raises(ValidationError):
+        CoreSettings()

@@ -1,9 +1,11 @@
 """The embedded bus keeps the topology and handler contract of the RabbitMQ adapter."""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from prometheus_client import REGISTRY
 
 from lucerna.core.events.codec import encode
 from lucerna.core.events.inprocess import InProcessBus
@@ -249,3 +251,28 @@ async def test_close_cuts_a_retry_backoff_short() -> None:
     await failed.wait()
     async with asyncio.timeout(2):
         await bus.close()
+
+
+async def test_a_full_queue_drops_its_oldest_message(caplog: pytest.LogCaptureFixture) -> None:
+    bus = InProcessBus(topology=TOPOLOGY, max_held=3)
+    await bus.start()
+    dropped_before = REGISTRY.get_sample_value("lucerna_bus_dropped_total", {"queue": "orchestrator"}) or 0
+    with caplog.at_level(logging.WARNING, logger="lucerna.core.events.inprocess"):
+        for i in range(5):
+            await bus.publish(_event(uid=f"1.{i}"))
+    assert (bus.pending("orchestrator"), bus.pending("audit")) == (3, 3)
+    dropped = REGISTRY.get_sample_value("lucerna_bus_dropped_total", {"queue": "orchestrator"})
+    assert dropped == dropped_before + 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [getattr(r, "queue", None) for r in warnings].count("orchestrator") == 2
+    got: list[str] = []
+
+    async def handler(envelope: Envelope) -> None:
+        got.append(envelope.correlation_id)
+
+    await bus.consume("orchestrator", handler)
+    await _until(lambda: len(got) == 3)
+    assert got == ["1.2", "1.3", "1.4"]  # the newest kept, in order
+    await bus.close()
+    with pytest.raises(ValueError, match="max_held"):
+        InProcessBus(topology=TOPOLOGY, max_held=0)

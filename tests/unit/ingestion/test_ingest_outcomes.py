@@ -1,11 +1,12 @@
 """The one ingestion function: stored once, duplicates recognised, conflicts and bad input refused,
-and nothing half-written when a store or the bus fails."""
+nothing half-written when a store fails, and no audit record lost when the bus fails."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from pydicom.uid import generate_uid
 
 from lucerna.core.events.ports import Envelope, PublishError
 from lucerna.core.service import Resources
+from lucerna.ingestion.audit import RELAY_AFTER, AuditRelay
 from lucerna.ingestion.ingest import Ports, ingest
 from lucerna.ingestion.outcomes import Disposition, FailureReason
 
@@ -61,10 +63,12 @@ class PartialMetadata(_Delegate):
 
 
 class AuditRefusingBus(_Delegate):
-    """The real bus, except that audit records are refused."""
+    """The real bus, except that audit records are refused while ``down``."""
+
+    down = True
 
     async def publish(self, envelope: Envelope) -> None:
-        if envelope.routing_key == "audit.record":
+        if self.down and envelope.routing_key == "audit.record":
             raise PublishError("no confirm in time")
         await self._inner.publish(envelope)
 
@@ -195,15 +199,43 @@ async def test_a_partly_written_batch_is_completed_and_fully_audited(
     )
 
 
-async def test_an_unpublished_audit_record_takes_the_instance_back(
-    resources: Resources, ct: Callable[..., bytes], stored_blobs: Callable[[], list[Path]]
+async def test_a_published_audit_record_leaves_the_outbox(
+    ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
 ) -> None:
-    ports = Ports(blobs=resources.blobs, metadata=resources.metadata, bus=AuditRefusingBus(resources.bus))
-    [outcome] = await ingest(ports, [ct()], SOURCE)
-    assert outcome.failure_reason is FailureReason.PROCESSING_FAILURE
-    assert "audit" in outcome.message
-    assert await resources.metadata.get_instance(outcome.sop_instance_uid or "") is None
-    assert stored_blobs() == []
+    await ingest(ports, [ct(), ct()], SOURCE)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert await resources.metadata.pending_audit(later) == []
+    assert await AuditRelay(resources.metadata, resources.bus).run_once(later) == 0
+    await events.settle()
+    assert len(events.audit) == 2
+
+
+async def test_a_bus_outage_keeps_the_instance_and_relays_its_audit_record_later(
+    resources: Resources, events: Any, ct: Callable[..., bytes], stored_blobs: Callable[[], list[Path]]
+) -> None:
+    bus = AuditRefusingBus(resources.bus)
+    ports = Ports(blobs=resources.blobs, metadata=resources.metadata, bus=bus)
+    data = ct()
+    [outcome] = await ingest(ports, [data], SOURCE)
+    assert outcome.disposition is Disposition.STORED  # the bus is down; the store is not
+    sop = outcome.sop_instance_uid or ""
+    assert await resources.metadata.get_instance(sop) is not None
+    assert len(stored_blobs()) == 1
+    relay = AuditRelay(resources.metadata, bus)  # type: ignore[arg-type]
+    assert await relay.run_once() == 0  # too young: the ingestion call may still be publishing it
+    later = datetime.now(UTC) + RELAY_AFTER * 2
+    assert await relay.run_once(later) == 0  # the bus is still down
+    assert [r.sop_instance_uid for r in await resources.metadata.pending_audit(later)] == [sop]
+
+    bus.down = False
+    assert await relay.run_once(later) == 1
+    assert await relay.run_once(later) == 0  # relayed once
+    await events.settle()
+    [envelope] = events.audit
+    assert envelope.message_id == f"instance-stored:{sop}:{hashlib.sha256(data).hexdigest()}"
+    [record] = events.audit_records()
+    assert (record.sop_instance_uid, record.actor) == (sop, SOURCE)
+    assert await resources.metadata.pending_audit(later) == []
 
 
 async def test_concurrent_identical_stores_keep_one_instance(

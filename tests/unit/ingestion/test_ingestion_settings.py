@@ -35,3 +35,10 @@ def test_invalid_ae_titles_refuse_to_start(title: str) -> None:
         IngestionSettings(ae_title=title)
     with pytest.raises(ValidationError, match="AE title"):
         IngestionSettings(allowed_calling_ae_titles=["OK", title])
+
+
+def test_the_maximum_idle_time_must_outlast_the_quiet_period() -> None:
+    settings = IngestionSettings()
+    assert (settings.max_idle_seconds, settings.claim_lease_seconds) == (60.0, 30.0)
+    with pytest.raises(ValidationError, match="MAX_IDLE_SECONDS must exceed"):
+        IngestionSettings(quiet_period_seconds=30, max_idle_seconds=30)

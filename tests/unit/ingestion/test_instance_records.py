@@ -145,3 +145,23 @@ def test_bytes_cut_inside_the_pixel_data_are_refused(part10: Callable[[Dataset],
     ) as refused:
         parse_instance(data[:-100])
     assert refused.value.reason is FailureReason.CANNOT_UNDERSTAND
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])  # explicit, implicit VR
+def test_large_pixel_data_is_described_without_being_read(
+    part10: Callable[[Dataset], bytes], syntax: str
+) -> None:
+    ds = ct_slice(STUDY, SERIES, 7, size=64)  # 8 KiB of pixels: past the deferred-read size
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.add_new(0x7FE10010, "LO", "LUCERNA TEST")  # elements after the pixel data are kept
+    ds.add_new(0x7FE11001, "LO", "after the pixels")
+    header = parse_instance(part10(ds)).dataset
+    assert header["7FE00010"] == {"vr": "OW"}
+    assert "7FE11001" in header  # LO when explicit, UN (inline binary) when implicit
+
+
+def test_bytes_cut_inside_large_pixel_data_are_refused(part10: Callable[[Dataset], bytes]) -> None:
+    data = part10(ct_slice(STUDY, SERIES, 7, size=64))
+    expected = r"truncated: element \(7FE0,0010\) declares 8192 bytes but only 8092 follow"
+    with pytest.raises(InvalidInstanceError, match=expected):
+        parse_instance(data[:-100])

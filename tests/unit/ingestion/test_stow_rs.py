@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from lucerna.core.auth import Authenticator
+from lucerna.core.events.ports import Envelope, PublishError
 from lucerna.core.http import create_app
 from lucerna.core.service import Resources
 from lucerna.core.settings import CoreSettings
@@ -85,7 +87,12 @@ async def test_all_stored_is_200_with_references_and_urls(
     assert len(events.audit) == 2
     assert {r.actor for r in events.audit_records()} == {"stow:local@127.0.0.1"}
     # The request's end is the burst's boundary: once quiet, the study is ready.
-    [ready] = await resources.metadata.claim_ready(datetime.now(UTC) + timedelta(hours=1))
+    [ready] = await resources.metadata.claim_ready(
+        datetime.now(UTC) + timedelta(hours=1),
+        quiet=timedelta(seconds=2),
+        max_idle=timedelta(days=1),
+        lease=timedelta(seconds=30),
+    )
     assert (ready.study_uid, ready.burst_instances) == (study, 2)
 
 
@@ -299,3 +306,27 @@ async def test_a_token_with_write_scope_is_required_when_auth_is_on(
     async with client_for(secured) as client:
         response = await client.post(STUDIES, content=body, headers=headers)
     assert response.status_code == 401
+
+
+class DownBus:
+    """The real bus behind an outage: every publish is refused."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def publish(self, envelope: Envelope) -> None:
+        raise PublishError("broker unreachable")
+
+
+async def test_a_bus_outage_fails_no_store(resources: Resources, ct: Callable[..., bytes]) -> None:
+    study = generate_uid()
+    headers, body = multipart(ct(study=study), ct(study=study))
+    async with client_for(dataclasses.replace(resources, bus=DownBus(resources.bus))) as client:
+        response = await client.post(STUDIES, content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert "warning" not in response.headers
+    pending = await resources.metadata.pending_audit(datetime.now(UTC) + timedelta(hours=1))
+    assert [r.study_uid for r in pending] == [study, study]  # their audit records wait for the bus

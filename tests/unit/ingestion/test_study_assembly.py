@@ -1,4 +1,5 @@
-"""Study assembly: one study.ready per burst, after its boundary and the quiet period."""
+"""Study assembly: one study.ready per burst, after its boundary and the quiet period (or the maximum
+idle time), announced again when its claimer died before acknowledging it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from lucerna.ingestion.service import IngestionService
 from lucerna.ingestion.settings import IngestionSettings
 
 QUIET = timedelta(seconds=2)
+MAX_IDLE = timedelta(seconds=60)
+LEASE = timedelta(seconds=30)
+
+
+def assembler_for(resources: Resources, bus: Any = None) -> StudyAssembler:
+    return StudyAssembler(resources.metadata, bus or resources.bus, QUIET, max_idle=MAX_IDLE, lease=LEASE)
 
 
 async def store_burst(ports: Ports, ct: Callable[..., bytes], study: str, count: int) -> None:
@@ -28,7 +35,7 @@ async def store_burst(ports: Ports, ct: Callable[..., bytes], study: str, count:
 async def test_one_study_ready_per_burst(
     ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
 ) -> None:
-    assembler = StudyAssembler(resources.metadata, resources.bus, QUIET)
+    assembler = assembler_for(resources)
     study = generate_uid()
     await store_burst(ports, ct, study, 3)
 
@@ -36,7 +43,7 @@ async def test_one_study_ready_per_burst(
     later = datetime.now(UTC) + QUIET * 2
     [claimed] = await assembler.run_once(later)
     assert (claimed.study_uid, claimed.burst, claimed.burst_instances) == (study, 1, 3)
-    assert await assembler.run_once(later + QUIET) == []  # handed out exactly once
+    assert await assembler.run_once(later + LEASE * 10) == []  # published and acknowledged: once
 
     await store_burst(ports, ct, study, 2)
     [second] = await assembler.run_once(datetime.now(UTC) + QUIET * 2)
@@ -53,13 +60,37 @@ async def test_one_study_ready_per_burst(
     assert [(r.study_instance_uid, r.details["burst"]) for r in audits] == [(study, "1"), (study, "2")]
 
 
-async def test_no_boundary_no_study_ready(
-    ports: Ports, resources: Resources, ct: Callable[..., bytes]
+async def test_no_boundary_no_study_ready_until_the_maximum_idle_time(
+    ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
 ) -> None:
     study = generate_uid()
-    await ingest(ports, [ct(study=study)], "dimse:CT1@10.0.0.5")  # association still open
-    assembler = StudyAssembler(resources.metadata, resources.bus, QUIET)
+    await ingest(ports, [ct(study=study), ct(study=study)], "dimse:CT1@10.0.0.5")  # association still open
+    assembler = assembler_for(resources)
     assert await assembler.run_once(datetime.now(UTC) + QUIET * 10) == []
+    # The association never ended (or the process that held it died): idle long enough is ended.
+    [ready] = await assembler.run_once(datetime.now(UTC) + MAX_IDLE + QUIET)
+    assert (ready.study_uid, ready.burst, ready.burst_instances) == (study, 1, 2)
+    await events.settle()
+    assert [e.message_id for e in events.ready] == [f"study-ready:{study}:1"]
+
+
+async def test_a_burst_claimed_by_a_process_that_died_is_announced_after_the_lease(
+    ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
+) -> None:
+    study = generate_uid()
+    await store_burst(ports, ct, study, 2)
+    claimed_at = datetime.now(UTC) + QUIET * 2
+    # Another process claims the burst and dies before publishing it.
+    [lost] = await resources.metadata.claim_ready(claimed_at, quiet=QUIET, max_idle=MAX_IDLE, lease=LEASE)
+    assembler = assembler_for(resources)
+    assert await assembler.run_once(claimed_at + LEASE / 2) == []  # its lease still runs
+    [ready] = await assembler.run_once(claimed_at + LEASE + QUIET)
+    assert ready == lost
+    assert await assembler.run_once(claimed_at + LEASE * 10) == []  # acknowledged this time
+    await events.settle()
+    [event] = events.studies_ready()
+    assert (event.study_instance_uid, event.burst, event.burst_instances) == (study, 1, 2)
+    assert [e.message_id for e in events.ready] == [f"study-ready:{study}:1"]
 
 
 class FlakyBus:
@@ -79,7 +110,7 @@ async def test_unpublished_events_are_kept_and_nothing_more_is_claimed(
     ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
 ) -> None:
     bus = FlakyBus(resources.bus)
-    assembler = StudyAssembler(resources.metadata, bus, QUIET)  # type: ignore[arg-type]
+    assembler = assembler_for(resources, bus)
     first, second = generate_uid(), generate_uid()
     await store_burst(ports, ct, first, 1)
     later = datetime.now(UTC) + QUIET * 2
@@ -92,6 +123,7 @@ async def test_unpublished_events_are_kept_and_nothing_more_is_claimed(
     bus.down = False
     assert [r.study_uid for r in await assembler.run_once(datetime.now(UTC) + QUIET * 2)] == [second]
     assert assembler.pending == 0
+    assert await assembler.run_once(datetime.now(UTC) + LEASE * 10) == []  # both acknowledged
     await events.settle()
     assert [e.study_instance_uid for e in events.studies_ready()] == [first, second]
 

@@ -4,29 +4,10 @@ driven through its HTTP app in process."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from lucerna.core.auth import Authenticator
-from lucerna.core.events.inprocess import InProcessBus
-from lucerna.core.service import Resources
-from lucerna.core.settings import CoreSettings
-from lucerna.core.storage.blobs import FilesystemBlobStore
-from lucerna.core.storage.sqlite import SqliteMetadataStore, SqliteSearchIndex
-from tests.unit.metadata.dicomweb_testkit import Env, running, seed
-
-
-def make_resources(tmp_path: Path, **settings: object) -> Resources:
-    config = CoreSettings(data_dir=tmp_path, **settings)  # type: ignore[arg-type]
-    return Resources(
-        settings=config,
-        auth=Authenticator(config),
-        bus=InProcessBus(),
-        blobs=FilesystemBlobStore(tmp_path / "blobs"),
-        metadata=SqliteMetadataStore(tmp_path / "metadata.sqlite"),
-        search=SqliteSearchIndex(tmp_path / "search.sqlite"),
-    )
+from tests.unit.metadata.dicomweb_testkit import Env, make_resources, running, seed
 
 
 @pytest.fixture(scope="module")

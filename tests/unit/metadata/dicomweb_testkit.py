@@ -18,11 +18,16 @@ import pydicom.data
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from lucerna.core.auth import Authenticator
 from lucerna.core.dicom.attributes import derive
+from lucerna.core.events.inprocess import InProcessBus
 from lucerna.core.events.ports import Envelope
 from lucerna.core.http import create_app
 from lucerna.core.service import Resources
+from lucerna.core.settings import CoreSettings
+from lucerna.core.storage.blobs import FilesystemBlobStore
 from lucerna.core.storage.ports import BlobStore, DicomJson, InstanceRecord, MetadataStore, PutOutcome
+from lucerna.core.storage.sqlite import SqliteMetadataStore, SqliteSearchIndex
 from lucerna.metadata.service import MetadataService
 from tests.factories import ct_slice
 
@@ -175,3 +180,16 @@ async def seed(env: Env) -> None:
     await env.store("b", part10(ds))
     for name in ("CT_small.dcm", "SC_rgb_rle_2frame.dcm", "JPEG-lossy.dcm"):
         await env.store(name, bundled_file(name))
+
+
+def make_resources(tmp_path: Path, **settings: object) -> Resources:
+    """Resources on the embedded adapters in a test's folder (not started)."""
+    config = CoreSettings(data_dir=tmp_path, **settings)  # type: ignore[arg-type]
+    return Resources(
+        settings=config,
+        auth=Authenticator(config),
+        bus=InProcessBus(),
+        blobs=FilesystemBlobStore(tmp_path / "blobs"),
+        metadata=SqliteMetadataStore(tmp_path / "metadata.sqlite"),
+        search=SqliteSearchIndex(tmp_path / "search.sqlite"),
+    )

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import jwt
 import pytest
-from conftest import make_resources
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from pydicom.uid import generate_uid
@@ -15,7 +14,7 @@ from lucerna.core.storage.ports import DicomJson
 from lucerna.metadata import indexing
 from lucerna.metadata.indexing import Indexer, reindex
 from tests.factories import ct_slice
-from tests.unit.metadata.dicomweb_testkit import Env, part10, running, seed, store_instance
+from tests.unit.metadata.dicomweb_testkit import Env, make_resources, part10, running, seed, store_instance
 
 pytestmark = pytest.mark.unit
 

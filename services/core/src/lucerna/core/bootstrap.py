@@ -30,7 +30,7 @@ def _bus(settings: CoreSettings) -> MessageBus:
         return RabbitMqBus(settings.rabbitmq_url.get_secret_value())
     from lucerna.core.events.inprocess import InProcessBus  # noqa: PLC0415
 
-    return InProcessBus()
+    return InProcessBus(max_held=settings.bus_max_held_messages)
 
 
 def _metadata(settings: CoreSettings) -> MetadataStore:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -14,6 +16,7 @@ from lucerna.core.bootstrap import build_resources
 from lucerna.core.http import create_app
 from lucerna.core.service import Service, discover
 from lucerna.core.settings import CoreSettings
+from lucerna.core.workers import claim_port, reuse_port_socket, supervise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,25 +50,53 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: CoreSettings, services: list[Service], name: str) -> int:
     lucerna_logging.configure(name, settings.log_level)
-    app = create_app(build_resources(settings), services)
+    workers = settings.workers
+    if workers > 1:
+        # Checked once here, so that a taken port fails clearly instead of once per worker, and
+        # so that port 0 means one port that every worker shares.
+        try:
+            settings = settings.model_copy(
+                update={"http_port": claim_port(settings.http_host, settings.http_port)}
+            )
+        except OSError as error:
+            where = f"{settings.http_host}:{settings.http_port}"
+            print(f"lucerna: cannot listen on {where}: {error}", file=sys.stderr)
+            return 1
     print(
         f"lucerna: {', '.join(s.name for s in services)} on http://{settings.http_host}:{settings.http_port}"
         f" (healthz /healthz, DICOMweb /dicom-web); data in {settings.data_dir.resolve()};"
-        f" auth {'required' if settings.auth_enforced else 'off (local, loopback only)'}",
+        f" auth {'required' if settings.auth_enforced else 'off (local, loopback only)'};"
+        f" {workers} worker process{'es' if workers > 1 else ''}",
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
-    return 0
+    if workers == 1:
+        uvicorn.run(create_app(build_resources(settings), services), **_uvicorn_options(settings))
+        return 0
+    return supervise(workers, functools.partial(_serve_worker, settings, services, name))
+
+
+def _serve_worker(settings: CoreSettings, services: list[Service], name: str, index: int) -> None:
+    """One worker process: every service of the command, on a socket shared with the others."""
+    lucerna_logging.configure(name, settings.log_level, worker=index)
+    sock = reuse_port_socket(settings.http_host, settings.http_port)
+    app = create_app(build_resources(settings), services)
+    server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options(settings)))
+    server.run(sockets=[sock])  # listens only once the lifespan startup is done
+    if not server.started:
+        sys.exit(3)  # uvicorn's status for a failed startup
+
+
+def _uvicorn_options(settings: CoreSettings) -> dict[str, Any]:
+    return {
+        "host": settings.http_host,
+        "port": settings.http_port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def create_app(resources: Resources, services: Sequence[Service]) -> Starlette:
             await resources.bus.close()
             await resources.search.close()
             await resources.metadata.close()
+            log.info("stopped", extra={"services": [s.name for s in services]})
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz),

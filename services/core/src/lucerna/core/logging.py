@@ -16,19 +16,22 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 class JsonFormatter(logging.Formatter):
     """Formats a record as JSON with its ``extra`` fields and the current correlation id."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, worker: int | None = None) -> None:
         super().__init__()
         self.service = service
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         """One JSON object per record."""
-        entry = {
+        entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         cid = correlation_id.get()
         if cid:
             entry["correlation_id"] = cid
@@ -40,10 +43,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(service: str, level: str = "INFO") -> None:
-    """Send every logger's records to stderr as JSON."""
+def configure(service: str, level: str = "INFO", worker: int | None = None) -> None:
+    """Send every logger's records to stderr as JSON (tagged with the worker process's number, if any)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
+    handler.setFormatter(JsonFormatter(service, worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+BUS_DROPPED = Counter(
+    "lucerna_bus_dropped_total",
+    "Messages the in-process bus dropped from a full queue (oldest first)",
+    ["queue"],
+)
 HTTP_REQUESTS = Counter(
     "lucerna_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
 )

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_JWT_SECRET = "lucerna-local-development-secret-change-me"  # noqa: S105 - the default production refuses
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on, at most ``MAX_DEFAULT_WORKERS``."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_WORKERS))
 
 
 class CoreSettings(BaseSettings):
@@ -22,6 +30,8 @@ class CoreSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # Processes serving the same services on the same ports (docs/adr/0005); 1: one process, no supervisor.
+    workers: int = Field(default_factory=default_workers, ge=1)
     data_dir: Path = Path("var")
 
     metadata_backend: Literal["sqlite", "mongodb"] = "sqlite"
@@ -34,6 +44,8 @@ class CoreSettings(BaseSettings):
 
     bus_backend: Literal["inprocess", "rabbitmq"] = "inprocess"
     rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    # In-process bus: messages a queue holds for a consumer before it drops the oldest.
+    bus_max_held_messages: int = Field(default=10_000, ge=1)
 
     blob_dir: Path | None = None  # default: <data_dir>/blobs
 

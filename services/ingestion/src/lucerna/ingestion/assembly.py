@@ -1,9 +1,13 @@
 """Study assembly: when has a study's burst of instances arrived completely?
 
 A burst ends at a boundary (a DIMSE association ended, a STOW-RS request completed) followed by a
-quiet period with no new instance of the study. The metadata store keeps that state and hands
-each ended burst out exactly once (``claim_ready``); this module turns each into one
-``study.ready`` event and its audit record.
+quiet period with no new instance of the study, or, when the boundary was missed (a process died
+before marking it, an association never ended), once the study has been idle for the maximum idle
+time. The metadata store keeps each burst in its assembly outbox until it is announced: this module
+claims the ended bursts (``claim_ready``, a lease), publishes one ``study.ready`` event and its
+audit record for each, then acknowledges it (``ack_ready``). A burst whose claimer died before
+acknowledging it is claimed again once the lease expires and published again with the same
+message ids (``study-ready:<study>:<burst>``), which consumers recognise.
 """
 
 from __future__ import annotations
@@ -32,33 +36,48 @@ async def end_of_burst(
 
 
 class StudyAssembler:
-    """Claims the studies whose burst has ended and publishes one ``study.ready`` per burst.
+    """Claims the studies whose burst has ended, publishes one ``study.ready`` per burst, acknowledges it.
 
-    A claimed burst's events are kept in memory until the bus takes them; while any are pending,
-    nothing new is claimed, so the store (not this process) holds the backlog of a bus outage.
+    A claimed burst whose events the bus has not taken is kept in memory and published first on the
+    next run; while any is, nothing new is claimed, so the store (not this process) holds the
+    backlog of a bus outage. If this process dies meanwhile, the lease brings the burst back.
     """
 
-    def __init__(self, metadata: MetadataStore, bus: MessageBus, quiet_period: timedelta) -> None:
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        bus: MessageBus,
+        quiet_period: timedelta,
+        *,
+        max_idle: timedelta,
+        lease: timedelta,
+    ) -> None:
         self._metadata = metadata
         self._bus = bus
         self._quiet_period = quiet_period
-        self._pending: list[Envelope] = []
+        self._max_idle = max_idle
+        self._lease = lease
+        self._unpublished: list[tuple[ReadyStudy, list[Envelope]]] = []
 
     @property
     def pending(self) -> int:
-        """Events claimed but not yet taken by the bus."""
-        return len(self._pending)
+        """Bursts claimed whose events the bus has not taken yet."""
+        return len(self._unpublished)
 
     async def run_once(self, now: datetime | None = None) -> list[ReadyStudy]:
-        """Publish what is pending, then claim and publish ended bursts; returns the studies claimed."""
+        """Publish what is pending, then claim, publish and acknowledge ended bursts; returns the
+        bursts claimed."""
         if not await self._flush():
             return []
         claimed: list[ReadyStudy] = []
         while True:
             at = now or datetime.now(UTC)
-            batch = await self._metadata.claim_ready(at - self._quiet_period, limit=CLAIM_BATCH)
+            batch = await self._metadata.claim_ready(
+                at, quiet=self._quiet_period, max_idle=self._max_idle, lease=self._lease, limit=CLAIM_BATCH
+            )
             for ready in batch:
-                self._pending += [events.study_ready(ready, at), events.study_ready_audit(ready, at)]
+                announcement = [events.study_ready(ready, at), events.study_ready_audit(ready, at)]
+                self._unpublished.append((ready, announcement))
                 log.info(
                     "study ready",
                     extra={
@@ -68,7 +87,6 @@ class StudyAssembler:
                     },
                 )
             claimed += batch
-            metrics.STUDIES_READY.inc(len(batch))
             if not await self._flush() or len(batch) < CLAIM_BATCH:
                 return claimed
 
@@ -82,15 +100,29 @@ class StudyAssembler:
             await asyncio.sleep(interval)
 
     async def _flush(self) -> bool:
-        """Publish the pending events concurrently; True when none is left."""
-        if not self._pending:
+        """Publish the claimed bursts' events concurrently; True when none is left."""
+        if not self._unpublished:
             return True
-        results = await asyncio.gather(*(self._bus.publish(e) for e in self._pending), return_exceptions=True)
+        done = await asyncio.gather(*(self._announce(ready, left) for ready, left in self._unpublished))
+        self._unpublished = [item for item, ok in zip(self._unpublished, done, strict=True) if not ok]
+        return not self._unpublished
+
+    async def _announce(self, ready: ReadyStudy, envelopes: list[Envelope]) -> bool:
+        """Publish a burst's events, then acknowledge the burst. False when the bus refused one:
+        ``envelopes`` keeps those left to publish."""
+        results = await asyncio.gather(*(self._bus.publish(e) for e in envelopes), return_exceptions=True)
         left = []
-        for envelope, result in zip(self._pending, results, strict=True):
+        for envelope, result in zip(envelopes, results, strict=True):
             if isinstance(result, BaseException):
                 metrics.EVENT_FAILURES.labels(envelope.routing_key).inc()
                 log.warning("event %s not published yet: %r", envelope.message_id, result)
                 left.append(envelope)
-        self._pending = left
-        return not left
+        envelopes[:] = left
+        if left:
+            return False
+        metrics.STUDIES_READY.inc()
+        try:
+            await self._metadata.ack_ready(ready.study_uid, ready.burst)
+        except Exception:  # its lease expires and it is published again, with the same message ids
+            log.exception("could not acknowledge burst %d of study %s", ready.burst, ready.study_uid)
+        return True

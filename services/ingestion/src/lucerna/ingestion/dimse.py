@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import socketserver
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -31,6 +33,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from lucerna.ingestion import metrics
 from lucerna.ingestion.assembly import end_of_burst
@@ -67,11 +70,20 @@ VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (C-ECHO)
 class DimseListener:
     """A C-ECHO / C-STORE SCP feeding the ingestion function; start() binds and returns at once."""
 
-    def __init__(self, settings: IngestionSettings, ports: Ports, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        settings: IngestionSettings,
+        ports: Ports,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self._settings = settings
         self._ports = ports
         self._loop = loop
+        self._reuse_port = reuse_port  # several worker processes share the port (docs/adr/0005)
         self._ae = _application_entity(settings)
+        self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
         self._studies: dict[int, set[str]] = {}  # association id -> studies it stored
         self._address: tuple[str, int] | None = None
@@ -92,10 +104,15 @@ class DimseListener:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
-        server = self._ae.start_server(
-            (self._settings.dimse_host, self._settings.dimse_port), block=False, evt_handlers=handlers
-        )
-        assert server is not None  # non-blocking start returns the running server
+        address = (self._settings.dimse_host, self._settings.dimse_port)
+        if self._reuse_port:
+            server = self._ae.make_server(address, evt_handlers=handlers, server_class=_ReusePortServer)
+            threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
+            self._server = server
+        else:
+            started = self._ae.start_server(address, block=False, evt_handlers=handlers)
+            assert started is not None  # non-blocking start returns the running server
+            server = started
         host, port = server.server_address[:2]
         self._address = (str(host), int(port))
         log.info(
@@ -108,6 +125,9 @@ class DimseListener:
 
     def stop(self) -> None:
         """Stop listening and abort the associations still open (blocks; call from a thread)."""
+        if self._server is not None:  # a server the AE did not start, so its shutdown would miss it
+            self._server.shutdown()
+            self._server = None
         self._ae.shutdown()
 
     def _on_established(self, event: Any) -> None:
@@ -164,6 +184,21 @@ class DimseListener:
         except TimeoutError:
             future.cancel()
             raise
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with ``SO_REUSEPORT``: the kernel spreads associations over the
+    worker processes listening on the port (pynetdicom's ``server_bind`` sets only ``SO_REUSEADDR``)."""
+
+    def server_bind(self) -> None:
+        """Set ``SO_REUSEPORT``, then bind as pynetdicom does."""
+        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (not registered with the AE, so not removed from it)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def _application_entity(settings: IngestionSettings) -> AE:

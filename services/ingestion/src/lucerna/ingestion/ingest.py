@@ -2,7 +2,9 @@
 
 Both transports call it: STOW-RS with the instances of one request, the DIMSE SCP with the instance
 of one C-STORE. Nothing is half-written: an instance that fails leaves neither blob nor record
-behind, and its failure does not affect the other instances of the batch.
+behind, and its failure does not affect the other instances of the batch. A stored instance's audit
+record is due from the moment it is stored (the store's audit outbox): it is published at once, or
+by the relay when the bus is back (``audit``), so a bus outage fails no store.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from lucerna.core.events.ports import MessageBus
 from lucerna.core.storage.ports import BlobRef, BlobStore, InstanceRecord, MetadataStore, PutOutcome
-from lucerna.ingestion import events, metrics
+from lucerna.ingestion import audit, metrics
 from lucerna.ingestion.outcomes import Disposition, FailureReason, InstanceOutcome
 from lucerna.ingestion.records import InvalidInstanceError, ParsedInstance, build_record, parse_instance
 
@@ -71,9 +73,13 @@ async def ingest(
 
     if prepared:
         records = [build_record(p.parsed, p.blob, source, received_at) for p in prepared]
-        for item, outcome in zip(prepared, await _put_records(ports, prepared, records), strict=True):
+        written = await _put_records(ports, prepared, records)
+        stored = []
+        for item, record, outcome in zip(prepared, records, written, strict=True):
             outcomes[item.index] = outcome
-        await _audit(ports, prepared, records, outcomes, traceparent)
+            if outcome.disposition is Disposition.STORED:
+                stored.append(record)
+        await audit.publish_stored(ports.metadata, ports.bus, stored, traceparent)
 
     final = [outcome for outcome in outcomes if outcome is not None]
     assert len(final) == len(payloads), "every payload has an outcome"
@@ -180,43 +186,6 @@ async def _written_by_failed_batch(ports: Ports, record: InstanceRecord) -> bool
         return False
     at = stored.received_at if stored.received_at.tzinfo else stored.received_at.replace(tzinfo=UTC)
     return abs(at - record.received_at) < timedelta(milliseconds=2)  # BSON keeps milliseconds
-
-
-async def _audit(
-    ports: Ports,
-    prepared: Sequence[_Prepared],
-    records: Sequence[InstanceRecord],
-    outcomes: list[InstanceOutcome | None],
-    traceparent: str | None,
-) -> None:
-    """One audit record per newly stored instance; an instance whose record cannot be published is
-    taken back, so that no stored instance is missing from the audit trail."""
-    created = [
-        (item, record)
-        for item, record in zip(prepared, records, strict=True)
-        if (outcome := outcomes[item.index]) is not None and outcome.disposition is Disposition.STORED
-    ]
-    published = await asyncio.gather(
-        *(ports.bus.publish(events.instance_stored(record, traceparent)) for _, record in created),
-        return_exceptions=True,
-    )
-    for (item, record), result in zip(created, published, strict=True):
-        if not isinstance(result, BaseException):
-            continue
-        metrics.EVENT_FAILURES.labels("audit.record").inc()
-        log.error(
-            "audit record not published for %s; taking the instance back: %r", record.sop_instance_uid, result
-        )
-        try:
-            await ports.metadata.delete_instance(record.sop_instance_uid)
-            await _release_blob(ports, item)
-        except Exception:
-            log.exception("could not take back %s (sha256 %s)", record.sop_instance_uid, record.sha256)
-        outcomes[item.index] = _failed(
-            item.parsed,
-            FailureReason.PROCESSING_FAILURE,
-            "the audit record could not be written, so the instance was not kept; send it again",
-        )
 
 
 async def _release_blob(ports: Ports, item: _Prepared) -> None:

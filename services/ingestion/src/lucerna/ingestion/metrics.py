@@ -20,6 +20,10 @@ ASSOCIATIONS = Gauge("lucerna_ingestion_dimse_associations", "DIMSE associations
 STUDIES_READY = Counter("lucerna_ingestion_studies_ready_total", "study.ready events published")
 EVENT_FAILURES = Counter(
     "lucerna_ingestion_event_failures_total",
-    "Events that could not be published (retried or compensated)",
+    "Events that could not be published (kept in the store's outbox and published again)",
     ["event"],
+)
+AUDIT_RELAYED = Counter(
+    "lucerna_ingestion_audit_relayed_total",
+    "Audit records of stored instances published late by the relay, from the store's audit outbox",
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GIB = 1024**3
@@ -27,7 +27,7 @@ class IngestionSettings(BaseSettings):
     ae_title: str = "LUCERNA"
     dimse_enabled: bool = True  # False for a STOW-RS-only deployment
     dimse_host: str = "127.0.0.1"
-    dimse_port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
+    dimse_port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests; one per worker)
     # Calling AE titles allowed to associate, comma-separated; empty: any.
     allowed_calling_ae_titles: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(default=32, ge=1)
@@ -41,11 +41,26 @@ class IngestionSettings(BaseSettings):
 
     quiet_period_seconds: float = Field(default=2.0, ge=0)
     assembly_interval_seconds: float = Field(default=0.5, gt=0)
+    # A burst whose boundary never came (a process died, an association hung) is announced once its
+    # study has been idle this long.
+    max_idle_seconds: float = Field(default=60.0, gt=0)
+    # A claimed burst not acknowledged (published) within this long is claimed again: its claimer died.
+    claim_lease_seconds: float = Field(default=30.0, gt=0)
+    # How often the audit relay publishes the audit records left in the store's outbox (bus down).
+    audit_relay_interval_seconds: float = Field(default=1.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod
     def _valid_ae_title(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _idle_outlasts_quiet(self) -> IngestionSettings:
+        if self.max_idle_seconds <= self.quiet_period_seconds:
+            raise ValueError(
+                "LUCERNA_INGESTION_MAX_IDLE_SECONDS must exceed LUCERNA_INGESTION_QUIET_PERIOD_SECONDS"
+            )
+        return self
 
     @field_validator("allowed_calling_ae_titles", mode="before")
     @classmethod

@@ -29,7 +29,8 @@ INDEX_FAILURES = Counter(
     "lucerna_search_index_failures_total", "Indexing rounds that failed and will be retried"
 )
 
-INTERVAL_SECONDS = 0.5
+# Study-level attribute searches are answered by the index (ADR 0004): poll often, the outbox is small.
+INTERVAL_SECONDS = 0.25
 BATCH = 500
 MAX_BATCHES_PER_ROUND = 20  # a store changing faster than this is caught up over several rounds
 

@@ -1,5 +1,6 @@
-"""Running a QIDO-RS search against the ports: fuzzy names through the search index, the metadata
-store's matching, ``includefield`` attributes from a representative instance, and RetrieveURL."""
+"""Running a QIDO-RS search against the ports: fuzzy names through the search index, study-level
+attribute searches from the search index when it answers them (ADR 0004), everything else from the
+metadata store's matching, ``includefield`` attributes from a representative instance, and RetrieveURL."""
 
 from __future__ import annotations
 
@@ -88,8 +89,21 @@ async def run_qido(
     query = await resolve_fuzzy(request.query, search)
     if query is None:
         return []
-    results = await metadata.query(query)
+    results = await find(query, metadata, search)
     return [await _complete(result, request, metadata, base) for result in results]
+
+
+async def find(query: Query, metadata: MetadataStore, search: SearchIndex) -> list[DicomJson]:
+    """The query's matches: a study-level search on attributes from the search index when it
+    answers it (near-real-time: as of the last indexing); a query naming Study Instance UIDs (a
+    lookup, or a fuzzy name resolved to UIDs), any other level, and any query the index declines,
+    from the store (consistent, read-your-writes)."""
+    by_uid = any(match.attribute == "StudyInstanceUID" for match in query.matches)
+    if query.level == "study" and not by_uid:
+        found = await search.query_studies(query)
+        if found is not None:
+            return found
+    return await metadata.query(query)
 
 
 async def _complete(result: DicomJson, request: QidoRequest, metadata: MetadataStore, base: str) -> DicomJson:

@@ -8,6 +8,12 @@ until the queue's delivery limit, and at most ``prefetch`` messages per consumer
 It is not durable: what is queued, in flight or dead-lettered is gone when the process stops.
 Work that must survive a restart keeps its state in the store (the documents' outbox fields) and is
 published again from there at start.
+
+It is bounded: a queue holds at most ``max_held`` messages waiting for a consumer (in ``lucerna up``
+some queues have none yet, e.g. ``audit.records``). Past that the oldest waiting message is
+dropped, with a WARNING log and ``lucerna_bus_dropped_total{queue}``. Nothing durable is lost by
+that: events that must not be lost are derived from the store's outboxes, which keep them until
+published, and a broker (RabbitMQ) keeps them for good.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from lucerna.core.events.ports import Envelope, Handler, PermanentError, Publish
 from lucerna.core.events.retry import retry_delay
 from lucerna.core.events.topology import DEFAULT, QueueSpec, Topology
 from lucerna.core.logging import correlation_id
+from lucerna.core.metrics import BUS_DROPPED
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,11 @@ class _Queue:
 
 
 class InProcessBus:
-    """The ``MessageBus`` for ``lucerna up``: every service in one process, no server."""
+    """The ``MessageBus`` for ``lucerna up``: every service in one process, no server.
+
+    Each queue holds at most ``max_held`` waiting messages and drops the oldest beyond that (see the
+    module docstring): a queue without a consumer must not grow the process's memory for ever.
+    """
 
     def __init__(
         self,
@@ -54,7 +65,11 @@ class InProcessBus:
         retry_base_delay: float = 0.5,
         retry_max_delay: float = 30.0,
         shutdown_grace: float = 10.0,
+        max_held: int = 10_000,
     ) -> None:
+        if max_held < 1:
+            raise ValueError("max_held must be at least 1")
+        self._max_held = max_held
         self._topology = topology
         self._retry_base_delay = retry_base_delay
         self._retry_max_delay = retry_max_delay
@@ -98,7 +113,7 @@ class InProcessBus:
             copy = dataclasses.replace(
                 envelope, headers=dict(envelope.headers), redelivered=False, delivery_count=0
             )
-            self._queues[spec.name].pending.put_nowait(copy)
+            self._hold(self._queues[spec.name], copy)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16) -> None:
         """Deliver the queue's messages to ``handler``, at most ``prefetch`` at a time, until ``close``."""
@@ -169,7 +184,20 @@ class InProcessBus:
         # Hold the consumer's slot during the delay, like an unacknowledged RabbitMQ delivery.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), delay)
-        queue.pending.put_nowait(dataclasses.replace(envelope, redelivered=True, delivery_count=failures))
+        self._hold(queue, dataclasses.replace(envelope, redelivered=True, delivery_count=failures))
+
+    def _hold(self, queue: _Queue, envelope: Envelope) -> None:
+        """Queue a message for a consumer, dropping the oldest waiting one when the queue is full."""
+        if queue.pending.qsize() >= self._max_held:
+            dropped = queue.pending.get_nowait()
+            BUS_DROPPED.labels(queue.spec.name).inc()
+            log.warning(
+                "in-process queue full; dropped its oldest message",
+                extra={
+                    "queue": queue.spec.name, "message_id": dropped.message_id, "max_held": self._max_held
+                },
+            )
+        queue.pending.put_nowait(envelope)
 
     def _dead_letter(self, queue: _Queue, envelope: Envelope, reason: str) -> None:
         log.error(

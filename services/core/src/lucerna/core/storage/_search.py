@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from lucerna.core.dicom.attributes import TAGS, normalise_name, person_name_text
+from lucerna.core.storage import _qido
 from lucerna.core.storage.ports import DicomJson
 
 _WORD = re.compile(r"\w+")
@@ -54,6 +55,19 @@ def study_document(study: DicomJson) -> StudyDocument:
         referring_physician=_name(study, "ReferringPhysicianName"),
         modalities=tuple(str(m) for m in modalities),
     )
+
+
+def tombstone(study_uid: str) -> DicomJson:
+    """What ``studies_to_index`` hands over for a study that no longer exists: its UID, no instances."""
+    return _qido.level_json("study", {}, {
+        "StudyInstanceUID": study_uid, "ModalitiesInStudy": [],
+        "NumberOfStudyRelatedSeries": 0, "NumberOfStudyRelatedInstances": 0,
+    })
+
+
+def is_tombstone(study: DicomJson) -> bool:
+    """Whether a study handed to the index is a tombstone (a stored study has at least one instance)."""
+    return _first(study, "NumberOfStudyRelatedInstances") == 0
 
 
 def name_tokens(name: str) -> list[str]:

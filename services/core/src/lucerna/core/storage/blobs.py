@@ -1,4 +1,11 @@
-"""Filesystem blob store: bytes addressed by SHA-256, written atomically (temp file + rename)."""
+"""Filesystem blob store: bytes addressed by SHA-256, written atomically (temp file + rename).
+
+A blob is flushed to disk before it gets its name, so that a crash never leaves a named but
+incomplete blob, and is then dropped from the page cache: a stream of newly received instances
+would otherwise push out pages worth keeping (and on a VM each new cached page costs a fault).
+Writes run on their own threads (hashing and file I/O release the GIL), so that a slow disk holds
+up only other writes, not the event loop's default executor.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,13 @@ import asyncio
 import hashlib
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lucerna.core.storage.ports import BlobRef
+
+WRITE_THREADS = 4  # blobs being hashed, written or flushed at once per process
+_flush = getattr(os, "fdatasync", os.fsync)  # fdatasync is missing on macOS
 
 
 class FilesystemBlobStore:
@@ -16,6 +27,8 @@ class FilesystemBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="lucerna-blob-writer")
+        self._folders: set[Path] = set()  # known to exist: no mkdir per blob
 
     def path_of(self, sha256: str) -> Path:
         """Where a blob lives (whether or not it exists)."""
@@ -25,18 +38,30 @@ class FilesystemBlobStore:
 
     async def put(self, data: bytes) -> BlobRef:
         """Store bytes once; identical bytes already stored are not written again."""
-        return await asyncio.to_thread(self._put, data)
+        return await asyncio.get_running_loop().run_in_executor(self._writers, self._put, data)
 
     def _put(self, data: bytes) -> BlobRef:
         sha256 = hashlib.sha256(data).hexdigest()
-        target = self.path_of(sha256)
+        folder = self.root / sha256[:2] / sha256[2:4]
+        target = folder / sha256
         if target.exists():
             return BlobRef(sha256, len(data), created=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        if folder not in self._folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
         try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+        except FileNotFoundError:  # the folder was removed behind our back
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+        try:
+            try:
+                _write_all(fd, data)
+                _flush(fd)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages now, so they go
+            finally:
+                os.close(fd)
             Path(temp).replace(target)  # atomic: readers see all of the blob or none of it
         except BaseException:
             Path(temp).unlink(missing_ok=True)
@@ -57,3 +82,9 @@ class FilesystemBlobStore:
     async def exists(self, sha256: str) -> bool:
         """Whether the blob is stored."""
         return await asyncio.to_thread(self.path_of(sha256).exists)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -6,24 +6,43 @@ so the mapping uses the standard analyzer and keyword fields, and fuzzy names ar
 query word is close to one of its words, in any order, as in the SQLite index: a word starting
 with the query word or within ``fuzziness: AUTO`` (an adjacent swap counts as one edit).
 
-Indexing does not wait for a refresh (the indexer is asynchronous and search is eventually
-consistent); ``refresh()`` makes everything indexed so far searchable, for tests and tools.
+Each document also carries the study's study-level QIDO-RS JSON (``study``, stored, not indexed)
+and keyword copies of its matching attributes (``match.<keyword>``, normalised as the metadata
+stores keep them), so that ``query_studies`` answers study-level attribute queries as the store
+would (ADR 0004). The index refreshes every 250 ms and a bulk write returns once a refresh made it
+searchable, so a study is searchable when the indexer marks it indexed; ``refresh()`` makes
+everything indexed so far searchable at once, for tests and tools.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, TransportError
 
-from lucerna.core.storage import _search
-from lucerna.core.storage.ports import DicomJson
+from lucerna.core.dicom.attributes import STUDY_ATTRIBUTES, TAGS, derive
+from lucerna.core.storage import _qido, _search
+from lucerna.core.storage._qido import Condition
+from lucerna.core.storage.ports import DicomJson, Query
 
+log = logging.getLogger(__name__)
+
+# The study attributes a document keeps for matching: those the study-level JSON carries.
+_MATCHED = tuple(kw for kw in STUDY_ATTRIBUTES if _qido.NATURAL_LEVEL.get(kw) == "study")
+# Bumped when documents gain what queries rely on: an older index is only searched for names and
+# text until ``lucerna reindex`` rebuilds it.
+_SCHEMA = 2
 _MAPPINGS: dict[str, Any] = {
     "dynamic": "strict",
+    "_meta": {"schema": _SCHEMA},
     "properties": {
+        "study": {"type": "object", "enabled": False},  # study-level QIDO-RS JSON, returned as is
+        "match": {"properties": {
+            kw: {"type": "long" if _qido.is_number(kw) else "keyword"} for kw in _MATCHED
+        }},
         "study_uid": {"type": "keyword"},
         "patient_name": {"type": "keyword"},  # normalised DICOM form, "DOE^JOHN"
         "name_words": {"type": "keyword"},  # ["DOE", "JOHN"]: fuzzy and prefix per word
@@ -37,7 +56,15 @@ _MAPPINGS: dict[str, Any] = {
         "descriptions": {"type": "text"},
     },
 }
-_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0}
+_REFRESH = "250ms"  # bounds the search lag together with the indexer's poll interval
+_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0, "refresh_interval": _REFRESH}
+_MAX_RESULT_WINDOW = 10_000  # Elasticsearch's default index.max_result_window
+_MAX_TERMS = 65_536  # its default index.max_terms_count
+_QUERY_TIMEOUT_SECONDS = 2.0  # a slow index must not hold up QIDO-RS: the store answers instead
+_STUDY_ORDER = [
+    {"match.StudyDate": {"order": "desc", "missing": "_last"}},
+    {"match.StudyInstanceUID": {"order": "asc"}},
+]
 _TEXT_FIELDS = ("name_text", "ids", "descriptions")
 
 
@@ -48,6 +75,7 @@ class ElasticSearchIndex:
         self._url = url
         self._index = index
         self._client: AsyncElasticsearch | None = None
+        self._answers_queries = False  # the index's documents carry what query_studies needs
 
     @property
     def client(self) -> Any:
@@ -61,6 +89,8 @@ class ElasticSearchIndex:
         self._client = AsyncElasticsearch(self._url, request_timeout=30)
         if not await self.client.indices.exists(index=self._index):
             await self._create()
+        else:
+            await self._check_schema()
 
     async def _create(self) -> None:
         try:
@@ -68,6 +98,23 @@ class ElasticSearchIndex:
         except BadRequestError as error:
             if error.error != "resource_already_exists_exception":  # created meanwhile by another process
                 raise
+            await self._check_schema()
+        else:
+            self._answers_queries = True
+
+    async def _check_schema(self) -> None:
+        """Answer queries from an index of the current schema; upgrade an older one's mapping so that
+        indexing goes on, and leave its queries to the store until it is rebuilt."""
+        found = await self.client.indices.get_mapping(index=self._index)
+        mappings = next(iter(found.values()))["mappings"]
+        self._answers_queries = mappings.get("_meta", {}).get("schema") == _SCHEMA
+        if not self._answers_queries:
+            await self.client.indices.put_mapping(index=self._index, properties=_MAPPINGS["properties"])
+            await self.client.indices.put_settings(index=self._index, settings={"refresh_interval": _REFRESH})
+            log.warning(
+                "search index %s predates schema %d: attribute queries go to the metadata store until"
+                " `lucerna reindex` rebuilds it", self._index, _SCHEMA,
+            )
 
     async def close(self) -> None:
         """Close the connections."""
@@ -87,17 +134,43 @@ class ElasticSearchIndex:
         return True
 
     async def index_studies(self, studies: Sequence[DicomJson]) -> None:
-        """Add or replace study documents in one bulk request."""
+        """Add, replace or drop (tombstones) study documents in one bulk request, which returns once
+        they are searchable."""
         operations: list[dict[str, Any]] = []
         for study in studies:
             document = _search.study_document(study)
-            operations += [{"index": {"_index": self._index, "_id": document.study_uid}}, _source(document)]
+            target = {"_index": self._index, "_id": document.study_uid}
+            if _search.is_tombstone(study):
+                operations.append({"delete": target})
+            else:
+                operations += [{"index": target}, _source(document, study)]
         if not operations:
             return
-        response = await self.client.bulk(operations=operations)
+        response = await self.client.bulk(operations=operations, refresh="wait_for")
         if response["errors"]:
-            failures = [item["index"]["error"] for item in response["items"] if "error" in item["index"]]
+            failures = [
+                result["error"] for item in response["items"] for result in item.values() if "error" in result
+            ]
             raise RuntimeError(f"Elasticsearch refused {len(failures)} study documents: {failures[0]}")
+
+    async def query_studies(self, query: Query) -> list[DicomJson] | None:
+        """Study-level queries on the study attributes, answered from the documents' copy of the
+        study-level JSON in the store's order; None (ask the store) for anything else, for an index
+        awaiting its rebuild, and when Elasticsearch fails."""
+        if not self._answers_queries or query.offset + query.limit > _MAX_RESULT_WINDOW:
+            return None
+        translated = _study_query(query)
+        if translated is None:
+            return None
+        try:
+            response = await self.client.options(request_timeout=_QUERY_TIMEOUT_SECONDS).search(
+                index=self._index, query=translated, size=query.limit, from_=query.offset,
+                sort=_STUDY_ORDER, source=["study"], track_total_hits=False,
+            )
+        except (ApiError, TransportError) as error:
+            log.warning("search index query failed, asking the metadata store: %r", error)
+            return None
+        return [hit["_source"]["study"] for hit in response["hits"]["hits"]]
 
     async def refresh(self) -> None:
         """Make every document indexed so far searchable now."""
@@ -145,9 +218,57 @@ class ElasticSearchIndex:
         await self._create()
 
 
-def _source(document: _search.StudyDocument) -> dict[str, Any]:
+def _study_query(query: Query) -> dict[str, Any] | None:
+    """The query as an Elasticsearch filter on ``match.*``, or None when it needs the store."""
+    if query.level != "study":
+        return None
+    try:
+        plan = _qido.plan(query)
+    except ValueError:
+        return None  # the store refuses it with its own message
+    if plan.impossible:
+        return {"match_none": {}}  # e.g. InstanceAvailability other than ONLINE
+    filters: list[dict[str, Any]] = []
+    for level, conditions in plan.conditions.items():
+        for condition in conditions:
+            clause = _clause(condition) if level == "study" and condition.attribute in _MATCHED else None
+            if clause is None:
+                return None
+            filters.append(clause)
+    return {"bool": {"filter": filters}}
+
+
+def _clause(condition: Condition) -> dict[str, Any] | None:
+    name = f"match.{condition.attribute}"
+    if condition.op == "in":
+        values = list(condition.value)
+        return {"terms": {name: values}} if len(values) <= _MAX_TERMS else None
+    if condition.op == "eq":
+        return {"term": {name: condition.value}}
+    if condition.op == "wildcard":
+        # DICOM's * and ? are Elasticsearch's; a backslash would escape, so it is escaped itself.
+        return {"wildcard": {name: {"value": condition.value.replace("\\", "\\\\")}}}
+    low, high = condition.value
+    bounds = {op: bound for op, bound in (("gte", low), ("lte", high)) if bound is not None}
+    return {"range": {name: bounds}}
+
+
+def _match_values(study: DicomJson) -> dict[str, Any]:
+    """The study's matching attributes as the stores keep them (``derive``; aggregates as listed)."""
+    derived = derive(study)
+    values: dict[str, Any] = {kw: derived[kw] for kw in _MATCHED if kw in derived}
+    for keyword in _qido.AGGREGATES_OF["study"]:
+        listed = study.get(TAGS[keyword][0], {}).get("Value")
+        if listed:
+            values[keyword] = listed
+    return values
+
+
+def _source(document: _search.StudyDocument, study: DicomJson) -> dict[str, Any]:
     words = _search.name_tokens(document.patient_name)
     return {
+        "study": study,
+        "match": _match_values(study),
         "study_uid": document.study_uid,
         "patient_name": document.patient_name,
         "name_words": words,

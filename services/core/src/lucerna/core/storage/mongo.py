@@ -6,11 +6,23 @@ attributes and data set, aggregates maintained on write). Data sets (and an inst
 attributes) are kept as JSON text, not as nested documents: no query looks inside them (matching
 uses top-level copies), FerretDB decodes them over ten times faster, and DICOM JSON's NaN, 64-bit
 unsigned integers or odd keys cannot trip BSON. A study document also
-carries the assembly state of its current burst and the index outbox (``version``, ``dirty``,
-``changed_at``). There are no transactions and no ``$lookup``: instances are inserted once (a
-taken ``_id`` answers DUPLICATE or CONFLICT), a study and its series change only under the study's
-lease (see ``_Leases``), and conditions on another collection are resolved by a first query into
-a UID list.
+carries the number of its latest burst and its change ``version``. The search index's
+outbox is a small collection of its own, ``index_outbox`` (``_id`` = Study Instance UID, the
+``version`` to index, ``changed_at`` of the oldest change not yet indexed), so that the indexer's
+frequent polls read a few small documents, not every study. There are no transactions and no
+``$lookup``: instances are inserted once (a taken ``_id`` answers DUPLICATE or CONFLICT), a study,
+its series and its outbox entry change only under the study's lease (see ``_Leases``), and
+conditions on another collection are resolved by a first query into a UID list.
+
+Two more small outboxes keep events that must not be lost, so that their relays poll a few small
+documents too: ``assembly_outbox`` holds each burst not yet announced (``_id`` = ``<study>:<burst>``;
+open, or claimed with ``claimed_at`` and not yet acknowledged), ``audit_outbox`` points at the
+instances whose audit record is not yet published (``_id`` = SOP Instance UID). A pointer is
+inserted before its instance, with the put's time as ``created_at``, the instance's ``stored_at``:
+it is the created instance's own pointer exactly when the two are equal. So no created instance
+lacks its pointer, and a pointer left by a put whose instance turned out a duplicate or a conflict
+(or by a write that died) is told apart and dropped by ``pending_audit``; no instance document is
+ever updated for its audit record (FerretDB rewrites a whole document to change one field).
 
 A process that dies between inserting instances and updating their series and study leaves those
 aggregates short by the instances it inserted; the instances themselves are intact, and
@@ -29,12 +41,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, DeleteOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from lucerna.core.dicom.attributes import derive
-from lucerna.core.storage import _qido
+from lucerna.core.storage import _qido, _search
 from lucerna.core.storage._qido import UID_OF, Condition, Plan
 from lucerna.core.storage.ports import (
     DicomJson,
@@ -64,13 +76,15 @@ _PROJECTION: dict[Level, list[str]] = {
 _INDEXES: dict[Level, list[list[tuple[str, int]]]] = {
     "study": [
         _SORT["study"], [("PatientName", ASCENDING)], [("PatientID", ASCENDING)],
-        [("AccessionNumber", ASCENDING)], [("dirty", ASCENDING), ("changed_at", ASCENDING)],
-        [("boundary", ASCENDING), ("claimed", ASCENDING), ("last_arrival", ASCENDING)],
+        [("AccessionNumber", ASCENDING)],
     ],
     "series": [_SORT["series"], [("Modality", ASCENDING)]],
     "instance": [_SORT["instance"], [("SeriesInstanceUID", ASCENDING), ("stored_at", ASCENDING)]],
 }
 _DUPLICATE_KEY = 11000
+_READY_FIELDS = ["NumberOfStudyRelatedInstances", "PatientID", "ModalitiesInStudy"]
+# An audit pointer whose instance is still missing after this long belongs to a write that died.
+_ORPHAN_AUDIT_POINTER = timedelta(minutes=10)
 
 
 def _field(level: Level, attribute: str) -> str:
@@ -98,6 +112,7 @@ class _StudyDelta:
     modalities: set[str] = field(default_factory=set)
     sources: set[str] = field(default_factory=set)
     last_arrival: datetime | None = None
+    burst: int = 0  # the burst the put joined
 
     def add(self, record: InstanceRecord, attributes: dict[str, Any]) -> None:
         """Count one created instance."""
@@ -181,6 +196,18 @@ class MongoMetadataStore:
         for level, indexes in _INDEXES.items():
             for keys in indexes:
                 await self._collection(level).create_index(keys)
+        await self._outbox().create_index([("changed_at", ASCENDING)])
+        await self._named("assembly_outbox").create_index([("study", ASCENDING)])
+        await self._named("audit_outbox").create_index([("created_at", ASCENDING)])
+
+    def _outbox(self) -> AsyncCollection[Document]:
+        return self._named("index_outbox")
+
+    async def _outbox_changed(self, study_uid: str, version: int, now: datetime) -> None:
+        """Ask for the study's re-indexing at this version (study lease held; the last write of a
+        change, so that an indexer seeing the version sees the whole change)."""
+        update = {"$set": {"version": version}, "$setOnInsert": {"changed_at": now}}
+        await self._outbox().update_one({"_id": study_uid}, update, upsert=True)
 
     async def close(self) -> None:
         """Close the connections."""
@@ -200,13 +227,14 @@ class MongoMetadataStore:
         return True
 
     async def put_instances(self, records: Sequence[InstanceRecord]) -> list[PutOutcome]:
-        """Insert the new instances in one round trip, then update each study (and its series)
-        once, under the study's lease."""
+        """Point the audit outbox at the instances, insert them in one round trip, then update each
+        study (its series, its open burst) once, under the study's lease."""
         if not records:
             return []
         now = datetime.now(UTC)
         attributes = [record.attributes or derive(record.dataset) for record in records]
         documents = [_instance_document(r, a, now) for r, a in zip(records, attributes, strict=True)]
+        pointed_before = await self._point_audit([record.sop_instance_uid for record in records], now)
         failed = await self._insert(documents)
         outcomes = [PutOutcome.CREATED] * len(records)
         if failed:
@@ -215,6 +243,14 @@ class MongoMetadataStore:
             for i in failed:
                 same = existing.get(records[i].sop_instance_uid) == records[i].sha256
                 outcomes[i] = PutOutcome.DUPLICATE if same else PutOutcome.CONFLICT
+        # A created instance whose pointer was already there (left by another put) makes it its own.
+        adopted = [
+            UpdateOne({"_id": record.sop_instance_uid}, {"$set": {"created_at": now}}, upsert=True)
+            for record, outcome in zip(records, outcomes, strict=True)
+            if outcome is PutOutcome.CREATED and record.sop_instance_uid in pointed_before
+        ]
+        if adopted:
+            await self._named("audit_outbox").bulk_write(adopted, ordered=False)
         by_study: dict[str, list[tuple[InstanceRecord, dict[str, Any]]]] = {}
         for record, attrs, outcome in zip(records, attributes, outcomes, strict=True):
             if outcome is PutOutcome.CREATED:
@@ -227,8 +263,54 @@ class MongoMetadataStore:
                     delta.new_series += await self._add_to_series(series_uid, in_series)
                 for record, attrs in members:
                     delta.add(record, attrs)
+                delta.burst = await self._add_to_burst(study_uid, delta)
                 await self._add_to_study(study_uid, delta, now)
         return outcomes
+
+    async def _point_audit(self, sop_instance_uids: Sequence[str], now: datetime) -> set[str]:
+        """Insert the audit outbox's pointers, before the instances they point at; the SOP Instance
+        UIDs that already had one (left as they are)."""
+        uids = list(dict.fromkeys(sop_instance_uids))
+        try:
+            await self._named("audit_outbox").insert_many(
+                [{"_id": uid, "created_at": now} for uid in uids], ordered=False
+            )
+        except BulkWriteError as error:
+            errors = error.details.get("writeErrors", [])
+            if any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                raise
+            return {uids[e["index"]] for e in errors}
+        return set()
+
+    async def _add_to_burst(self, study_uid: str, delta: _StudyDelta) -> int:
+        """Count a put into the study's open burst (one round trip), or open its next one (study
+        lease held); the burst's number. Written before the study, whose ``burst`` then catches up."""
+        outbox = self._named("assembly_outbox")
+        joined = await outbox.find_one_and_update(
+            {"study": study_uid, "claimed_at": None},
+            {
+                "$inc": {"burst_instances": delta.instances},
+                "$set": {"boundary": False, "boundary_at": None},
+                "$addToSet": {"sources": {"$each": sorted(delta.sources)}},
+                "$max": {"last_arrival": delta.last_arrival},
+            },  # no projection: FerretDB v1's findAndModify has none
+        )
+        if joined is not None:
+            return int(joined["burst"])
+        study = await self._collection("study").find_one({"_id": study_uid}, ["burst"])
+        burst = 1 if study is None else int(study["burst"]) + 1
+        while True:
+            try:
+                await outbox.insert_one({
+                    "_id": f"{study_uid}:{burst}", "study": study_uid, "burst": burst,
+                    "burst_instances": delta.instances, "sources": sorted(delta.sources),
+                    "last_arrival": delta.last_arrival, "boundary": False, "boundary_at": None,
+                    "claimed_at": None,
+                })
+            except DuplicateKeyError:  # a claimed burst a dead writer numbered before the study knew
+                burst += 1
+                continue
+            return burst
 
     async def _insert(self, documents: list[Document]) -> list[int]:
         """Insert; the indexes of documents whose ``_id`` was already taken (in the database or
@@ -266,33 +348,28 @@ class MongoMetadataStore:
         return before is None
 
     async def _add_to_study(self, study_uid: str, delta: _StudyDelta, now: datetime) -> None:
-        """Count a put into its study (lease held): into the current burst, or a new one if claimed."""
+        """Count a put into its study (lease held), and catch up with the burst it joined."""
         studies = self._collection("study")
-        study = await studies.find_one({"_id": study_uid}, ["claimed", "sources"])
+        study = await studies.find_one({"_id": study_uid}, ["version"])
         if study is None:
-            await studies.insert_one(_study_document(study_uid, delta, now))
+            # Versions go on from a removed study's outbox entry, so that no version is reused.
+            removed = await self._outbox().find_one({"_id": study_uid}, ["version"])
+            version = 1 if removed is None else removed["version"] + 1
+            await studies.insert_one(_study_document(study_uid, delta, version))
+            await self._outbox_changed(study_uid, version, now)
             return
-        new_burst = bool(study["claimed"])
         update: Document = {
             "$inc": {
                 "NumberOfStudyRelatedInstances": delta.instances,
                 "NumberOfStudyRelatedSeries": delta.new_series,
                 "version": 1,
-                **({"burst": 1} if new_burst else {"burst_instances": delta.instances}),
             },
-            "$set": {
-                "claimed": False,
-                "boundary": False,
-                "dirty": True,
-                "sources": sorted(delta.sources if new_burst else {*study["sources"], *delta.sources}),
-                **({"burst_instances": delta.instances} if new_burst else {}),
-            },
-            "$max": {"last_arrival": delta.last_arrival},
-            "$min": {"changed_at": now},
+            "$max": {"burst": delta.burst},
         }
         if delta.modalities:
             update["$addToSet"] = {"ModalitiesInStudy": {"$each": sorted(delta.modalities)}}
         await studies.update_one({"_id": study_uid}, update)
+        await self._outbox_changed(study_uid, study["version"] + 1, now)
 
     async def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         """One instance by SOP Instance UID."""
@@ -323,6 +400,7 @@ class MongoMetadataStore:
         async with self._leases.held(study_uid):
             document = await instances.find_one_and_delete({"_id": sop_instance_uid})
             if document is not None:
+                await self._named("audit_outbox").delete_one({"_id": sop_instance_uid})
                 await self._remove_from_study(study_uid, document["SeriesInstanceUID"], sop_instance_uid)
 
     async def _remove_from_study(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> None:
@@ -336,11 +414,16 @@ class MongoMetadataStore:
         else:
             await self._replace_representative("series", series_uid, sop_instance_uid)
         studies = self._collection("study")
-        study = await studies.find_one({"_id": study_uid}, ["NumberOfStudyRelatedInstances", "claimed"])
+        study = await studies.find_one(
+            {"_id": study_uid}, ["NumberOfStudyRelatedInstances", "version"]
+        )
         if study is None:
             return
+        now = datetime.now(UTC)
         if study["NumberOfStudyRelatedInstances"] <= 1:
             await studies.delete_one({"_id": study_uid})
+            await self._named("assembly_outbox").delete_many({"study": study_uid})
+            await self._outbox_changed(study_uid, study["version"] + 1, now)  # its tombstone
             return
         found = self._collection("series").find({"StudyInstanceUID": study_uid}, ["Modality"])
         modalities = {doc["Modality"] async for doc in found if doc.get("Modality")}
@@ -349,13 +432,15 @@ class MongoMetadataStore:
                 "NumberOfStudyRelatedInstances": -1, "NumberOfStudyRelatedSeries": -int(series_gone),
                 "version": 1,
             },
-            "$set": {"ModalitiesInStudy": sorted(modalities), "dirty": True},
-            "$min": {"changed_at": datetime.now(UTC)},
+            "$set": {"ModalitiesInStudy": sorted(modalities)},
         }
-        if not study["claimed"]:
-            update["$inc"]["burst_instances"] = -1
+        await self._named("assembly_outbox").update_one(
+            {"study": study_uid, "claimed_at": None, "burst_instances": {"$gt": 0}},
+            {"$inc": {"burst_instances": -1}},
+        )
         await studies.update_one({"_id": study_uid}, update)
         await self._replace_representative("study", study_uid, sop_instance_uid)
+        await self._outbox_changed(study_uid, study["version"] + 1, now)
 
     async def _replace_representative(self, level: Level, uid: str, removed: str) -> None:
         """Let the earliest remaining instance answer for a series or study whose representative left."""
@@ -397,62 +482,118 @@ class MongoMetadataStore:
         return _all_of(clauses)
 
     async def mark_boundary(self, study_uids: Sequence[str], at: datetime) -> None:
-        """Set the boundary flag of these studies (each under its lease)."""
+        """Set the boundary flag of these studies' open bursts (each under its study's lease)."""
         for study_uid in dict.fromkeys(study_uids):
             async with self._leases.held(study_uid):
-                await self._collection("study").update_one(
-                    {"_id": study_uid}, {"$set": {"boundary": True, "boundary_at": _utc(at)}}
+                await self._named("assembly_outbox").update_one(
+                    {"study": study_uid, "claimed_at": None},
+                    {"$set": {"boundary": True, "boundary_at": _utc(at)}},
                 )
 
-    async def claim_ready(self, quiet_before: datetime, limit: int = 100) -> list[ReadyStudy]:
-        """Hand out complete bursts. A claimer takes the study's lease without waiting (a busy
-        study is left for the next call), checks the burst is still waiting, and marks it claimed."""
-        studies = self._collection("study")
-        waiting = {"boundary": True, "claimed": False, "last_arrival": {"$lt": _utc(quiet_before)}}
+    async def claim_ready(
+        self, now: datetime, *, quiet: timedelta, max_idle: timedelta, lease: timedelta, limit: int = 100
+    ) -> list[ReadyStudy]:
+        """Claim ended bursts from the assembly outbox. A claimer takes the study's lease without
+        waiting (a busy study is left for the next call), checks the burst is still claimable, and
+        stamps its claim time."""
+        now = _utc(now)
+        claimable: Document = {"$and": [
+            {"$or": [
+                {"boundary": True, "last_arrival": {"$lt": now - quiet}},
+                {"last_arrival": {"$lt": now - max_idle}},
+            ]},
+            {"$or": [{"claimed_at": None}, {"claimed_at": {"$lt": now - lease}}]},
+        ]}
+        outbox = self._named("assembly_outbox")
+        found = outbox.find(claimable, ["study"]).sort("last_arrival", ASCENDING).limit(limit)
+        candidates = [(document["_id"], document["study"]) async for document in found]
         ready: list[ReadyStudy] = []
-        tried: list[str] = []
-        while len(ready) < limit:
-            found = studies.find({**waiting, "_id": {"$nin": tried}}, ["_id"])
-            found = found.sort("last_arrival", ASCENDING).limit(limit - len(ready))
-            candidates = [doc["_id"] async for doc in found]
-            if not candidates:
-                break
-            for study_uid in candidates:
-                tried.append(study_uid)
-                token = await self._leases.take(study_uid)
-                if token is None:
-                    continue
-                try:
-                    study = await studies.find_one({**waiting, "_id": study_uid})
-                    if study is not None:
-                        await studies.update_one({"_id": study_uid}, {"$set": {"claimed": True}})
-                        ready.append(_ready(study))
-                finally:
-                    await self._leases.release(study_uid, token)
-        return ready
-
-    async def studies_to_index(self, limit: int = 500) -> list[tuple[DicomJson, int]]:
-        """Studies changed since last indexed, oldest change first, with their version."""
-        cursor = self._collection("study").find({"dirty": True}, [*_PROJECTION["study"], "version"])
-        return [
-            (_result("study", document), document["version"])
-            async for document in cursor.sort("changed_at", ASCENDING).limit(limit)
-        ]
-
-    async def mark_indexed(self, versions: Sequence[tuple[str, int]]) -> None:
-        """Clear the outbox mark of studies still at the indexed version. A study whose lease is
-        busy is left marked: it is being changed, and indexing it again is harmless."""
-        for study_uid, version in versions:
+        for burst_id, study_uid in candidates:
             token = await self._leases.take(study_uid)
             if token is None:
                 continue
             try:
-                await self._collection("study").update_one(
-                    {"_id": study_uid, "version": version},
-                    {"$set": {"dirty": False}, "$unset": {"changed_at": ""}},
-                )
+                burst = await outbox.find_one({"$and": [{"_id": burst_id}, claimable]})
+                if burst is not None:
+                    await outbox.update_one({"_id": burst_id}, {"$set": {"claimed_at": now}})
+                    study = await self._collection("study").find_one({"_id": study_uid}, _READY_FIELDS)
+                    ready.append(_ready(burst, study))
             finally:
                 await self._leases.release(study_uid, token)
+        return ready
+
+    async def ack_ready(self, study_uid: str, burst: int) -> None:
+        """Remove a claimed burst from the assembly outbox (under the study's lease)."""
+        async with self._leases.held(study_uid):
+            await self._named("assembly_outbox").delete_one(
+                {"_id": f"{study_uid}:{burst}", "claimed_at": {"$ne": None}}
+            )
+
+    async def pending_audit(self, stored_before: datetime, limit: int = 100) -> list[InstanceRecord]:
+        """The instances the audit outbox points at whose own pointer it is (``created_at`` equal to
+        their ``stored_at``); drops the other pointers, and those of instances still missing long
+        after. Instances are read by ``_id`` (an equality FerretDB pushes down, unlike ``$in``)."""
+        pointers = self._named("audit_outbox")
+        cursor = pointers.find({"created_at": {"$lt": _utc(stored_before)}}).sort("created_at", ASCENDING)
+        pending = [document async for document in cursor.limit(limit)]
+        instances = self._collection("instance")
+        found = await asyncio.gather(*(instances.find_one({"_id": pointer["_id"]}) for pointer in pending))
+        orphan_before = datetime.now(UTC) - _ORPHAN_AUDIT_POINTER
+        records, stale = [], []
+        for pointer, instance in zip(pending, found, strict=True):
+            if instance is not None and _utc(instance["stored_at"]) == _utc(pointer["created_at"]):
+                records.append(_record(instance))
+            elif instance is not None or _utc(pointer["created_at"]) < orphan_before:
+                # Only as read: a put that refreshed the pointer meanwhile keeps it.
+                stale.append(DeleteOne({"_id": pointer["_id"], "created_at": pointer["created_at"]}))
+        if stale:
+            await pointers.bulk_write(stale, ordered=False)
+        return records
+
+    async def clear_audit(self, sop_instance_uids: Sequence[str]) -> None:
+        """Drop the instances' pointers (one round trip; the outbox is small)."""
+        if sop_instance_uids:
+            await self._named("audit_outbox").delete_many({"_id": {"$in": list(sop_instance_uids)}})
+
+    async def studies_to_index(self, limit: int = 500) -> list[tuple[DicomJson, int]]:
+        """The outbox's studies, oldest change first, with their version; a removed study as its
+        tombstone. Each study is read by ``_id`` (an equality FerretDB pushes down, unlike ``$in``)."""
+        cursor = self._outbox().find({}, ["version"]).sort("changed_at", ASCENDING).limit(limit)
+        pending = [(document["_id"], document["version"]) async for document in cursor]
+        studies = self._collection("study")
+        found = await asyncio.gather(
+            *(studies.find_one({"_id": study_uid}, _PROJECTION["study"]) for study_uid, _ in pending)
+        )
+        return [
+            (_search.tombstone(study_uid) if document is None else _result("study", document), version)
+            for (study_uid, version), document in zip(pending, found, strict=True)
+        ]
+
+    async def mark_indexed(self, versions: Sequence[tuple[str, int]]) -> None:
+        """Remove the outbox entries of studies still at the indexed version, in one delete (on
+        FerretDB every delete reads the whole collection). Each study's lease is held meanwhile, so
+        that no change is lost to the delete; a study whose lease is busy keeps its entry: it is
+        being changed, and indexing it again is harmless."""
+        taken = await asyncio.gather(
+            *(self._leases.take(study_uid) for study_uid, _ in versions), return_exceptions=True
+        )
+        held = [
+            (uid, version, token)
+            for (uid, version), token in zip(versions, taken, strict=True) if isinstance(token, str)
+        ]
+        try:
+            for failure in (token for token in taken if isinstance(token, BaseException)):
+                raise failure
+            outbox = self._outbox()
+            entries = await asyncio.gather(*(outbox.find_one({"_id": uid}, ["version"]) for uid, *_ in held))
+            done = [
+                uid for (uid, version, _), entry in zip(held, entries, strict=True)
+                if entry is not None and entry["version"] == version
+            ]
+            if done:
+                await outbox.delete_many({"_id": {"$in": done}})
+        finally:
+            await asyncio.gather(*(self._leases.release(uid, token) for uid, _, token in held))
 
     async def iter_studies(self) -> AsyncIterator[DicomJson]:
         """Every study at study level, in Study Instance UID order."""
@@ -461,7 +602,7 @@ class MongoMetadataStore:
 
     async def index_lag_seconds(self) -> float:
         """Age of the oldest change not yet indexed."""
-        cursor = self._collection("study").find({"dirty": True}, ["changed_at"]).sort("changed_at", ASCENDING)
+        cursor = self._outbox().find({}, ["changed_at"]).sort("changed_at", ASCENDING)
         async for document in cursor.limit(1):
             return max(0.0, (datetime.now(UTC) - _utc(document["changed_at"])).total_seconds())
         return 0.0
@@ -486,7 +627,7 @@ def _instance_document(record: InstanceRecord, attributes: dict[str, Any], now: 
     }
 
 
-def _study_document(study_uid: str, delta: _StudyDelta, now: datetime) -> Document:
+def _study_document(study_uid: str, delta: _StudyDelta, version: int) -> Document:
     return {
         "_id": study_uid,
         **_qido.level_fields(delta.attributes, "study"),
@@ -495,27 +636,23 @@ def _study_document(study_uid: str, delta: _StudyDelta, now: datetime) -> Docume
         "NumberOfStudyRelatedInstances": delta.instances,
         "representative": delta.first.sop_instance_uid,
         "dataset": _dumps(_qido.project(delta.first.dataset, "study")),
-        "burst": 1,
-        "burst_instances": delta.instances,
-        "claimed": False,
-        "boundary": False,
-        "last_arrival": delta.last_arrival,
-        "sources": sorted(delta.sources),
-        "version": 1,
-        "dirty": True,
-        "changed_at": now,
+        "burst": delta.burst,
+        "version": version,
     }
 
 
-def _ready(study: Mapping[str, Any]) -> ReadyStudy:
+def _ready(burst: Mapping[str, Any], study: Mapping[str, Any] | None) -> ReadyStudy:
+    """A claimed burst with its study's aggregates (a study document a dead writer never wrote:
+    the burst's own count)."""
+    study = study or {}
     return ReadyStudy(
-        study_uid=study["_id"],
-        burst=study["burst"],
-        burst_instances=study["burst_instances"],
-        total_instances=study["NumberOfStudyRelatedInstances"],
+        study_uid=burst["study"],
+        burst=burst["burst"],
+        burst_instances=burst["burst_instances"],
+        total_instances=study.get("NumberOfStudyRelatedInstances", burst["burst_instances"]),
         patient_id=study.get("PatientID"),
         modalities=tuple(sorted(study.get("ModalitiesInStudy") or [])),
-        sources=tuple(sorted(study.get("sources") or [])),
+        sources=tuple(sorted(burst.get("sources") or [])),
     )
 
 

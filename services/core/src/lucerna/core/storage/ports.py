@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 DicomJson = dict[str, Any]
@@ -99,7 +99,8 @@ class Query:
 
 @dataclass(frozen=True)
 class ReadyStudy:
-    """A study whose burst is complete: boundary seen and quiet for the configured period."""
+    """A study whose burst is complete: boundary seen and quiet for the configured period (or, with
+    no boundary, idle for longer than the configured maximum)."""
 
     study_uid: str
     burst: int  # increases by one per burst of the same study
@@ -131,8 +132,10 @@ class MetadataStore(Protocol):
         """Upsert instances keyed by SOP Instance UID, one outcome per record, in order.
 
         Maintains the study and series aggregates (counts, modalities in study) and the study's
-        assembly state: every CREATED instance joins the study's current burst, clears its
-        boundary flag and sets its last-arrival time, and marks the study for re-indexing.
+        assembly outbox: every CREATED instance joins the study's open burst (or opens the next one
+        when the last was claimed), clears its boundary flag and sets its last-arrival time, and
+        marks the study for re-indexing. Every CREATED instance is also put in the audit outbox
+        (``pending_audit``) by the same write, so its audit record survives a crash or a bus outage.
         """
         ...
 
@@ -146,7 +149,7 @@ class MetadataStore(Protocol):
         ...
 
     async def delete_instance(self, sop_instance_uid: str) -> None:
-        """Remove one instance and update the aggregates (compensation of a failed write)."""
+        """Remove one instance, its pending audit record, and update the aggregates and the open burst."""
         ...
 
     async def query(self, query: Query) -> list[DicomJson]:
@@ -156,16 +159,40 @@ class MetadataStore(Protocol):
         ...
 
     async def mark_boundary(self, study_uids: Sequence[str], at: datetime) -> None:
-        """An association ended or a STOW-RS request completed for these studies."""
+        """An association ended or a STOW-RS request completed for these studies (their open bursts)."""
         ...
 
-    async def claim_ready(self, quiet_before: datetime, limit: int = 100) -> list[ReadyStudy]:
-        """Atomically take the studies whose boundary is set and whose last arrival is before
-        ``quiet_before``: each burst is handed out exactly once, even to concurrent callers."""
+    async def claim_ready(
+        self, now: datetime, *, quiet: timedelta, max_idle: timedelta, lease: timedelta, limit: int = 100
+    ) -> list[ReadyStudy]:
+        """Claim the ended bursts: boundary set and last arrival more than ``quiet`` before ``now``,
+        or no boundary and last arrival more than ``max_idle`` before ``now`` (the boundary was
+        missed: a process died, an association never ended).
+
+        A claim is a lease taken at ``now``: the burst stays in the outbox until ``ack_ready``, and
+        a claim older than ``lease`` is claimable again (its claimer died before publishing). Among
+        concurrent callers a burst is handed to one only, until its lease expires.
+        """
+        ...
+
+    async def ack_ready(self, study_uid: str, burst: int) -> None:
+        """The claimed burst's ``study.ready`` is published: remove it from the outbox for good."""
+        ...
+
+    async def pending_audit(self, stored_before: datetime, limit: int = 100) -> list[InstanceRecord]:
+        """Instances stored before ``stored_before`` whose audit record is not yet published (the
+        audit outbox), oldest first."""
+        ...
+
+    async def clear_audit(self, sop_instance_uids: Sequence[str]) -> None:
+        """These instances' audit records are published: remove them from the audit outbox."""
         ...
 
     async def studies_to_index(self, limit: int = 500) -> list[tuple[DicomJson, int]]:
-        """Study-level DICOM JSON of studies changed since last indexed, with their change version."""
+        """Study-level DICOM JSON of studies changed since last indexed, with their change version.
+
+        A study removed since (its last instance deleted) comes as a tombstone (``_search.tombstone``:
+        its UID and NumberOfStudyRelatedInstances 0), which the search index drops."""
         ...
 
     async def mark_indexed(self, versions: Sequence[tuple[str, int]]) -> None:
@@ -191,7 +218,14 @@ class SearchIndex(Protocol):
     async def ping(self) -> bool: ...
 
     async def index_studies(self, studies: Sequence[DicomJson]) -> None:
-        """Add or replace study documents (keyed by Study Instance UID)."""
+        """Add or replace study documents (keyed by Study Instance UID); drop those of tombstones."""
+        ...
+
+    async def query_studies(self, query: Query) -> list[DicomJson] | None:
+        """A study-level QIDO-RS query answered as ``MetadataStore.query`` would, from the index's
+        copy of each study's study-level DICOM JSON (near-real-time: as of the last indexing).
+
+        None: this index does not answer structured queries, or not this one; ask the store."""
         ...
 
     async def fuzzy_patient_names(self, name: str, limit: int = 1000) -> list[str]:

@@ -4,7 +4,9 @@ Each database file is served by one writer thread holding one connection (every 
 ``BEGIN IMMEDIATE`` transaction, so concurrent callers are serialised and a batch is all or
 nothing) and two reader threads with their own connections; WAL mode lets reads run beside the
 writer. Tables follow ``_qido``: one row per study, series and instance with the derived matching
-attributes as indexed columns.
+attributes as indexed columns. Beside them, two outboxes written in the instances' transaction:
+``assembly_outbox`` (one row per burst not yet announced) and ``audit_outbox`` (one row per created
+instance whose audit record is not yet published).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +54,7 @@ _INSTANCE_COLUMNS = (
     "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, sop_class_uid, transfer_syntax_uid, sha256,"
     " size, source, received_at, dataset, attributes"
 )
+BUSY_TIMEOUT_SECONDS = 10.0  # how long a statement waits for another connection's (or process's) lock
 _MANY_PARAMETERS = 500  # longer IN lists go through json_each (SQLite caps bound parameters)
 
 
@@ -68,13 +71,7 @@ CREATE TABLE IF NOT EXISTS studies (
     modalities TEXT NOT NULL,           -- JSON list
     representative TEXT NOT NULL,       -- SOP Instance UID whose data set answers for the study
     dataset TEXT NOT NULL,              -- its study-level elements, DICOM JSON
-    burst INTEGER NOT NULL,
-    burst_instances INTEGER NOT NULL,
-    claimed INTEGER NOT NULL,           -- 1 once the current burst was handed out
-    boundary INTEGER NOT NULL,
-    boundary_at REAL,
-    last_arrival REAL NOT NULL,         -- epoch seconds
-    sources TEXT NOT NULL,              -- JSON list, current burst
+    burst INTEGER NOT NULL,             -- number of the study's latest burst (see assembly_outbox)
     version INTEGER NOT NULL,           -- index outbox: bumped on every change
     indexed_version INTEGER NOT NULL,
     changed_at REAL NOT NULL            -- first change not yet indexed, epoch seconds
@@ -84,7 +81,31 @@ CREATE INDEX IF NOT EXISTS studies_by_patient_name ON studies (PatientName);
 CREATE INDEX IF NOT EXISTS studies_by_patient_id ON studies (PatientID);
 CREATE INDEX IF NOT EXISTS studies_by_accession ON studies (AccessionNumber);
 CREATE INDEX IF NOT EXISTS studies_to_index ON studies (changed_at) WHERE version > indexed_version;
-CREATE INDEX IF NOT EXISTS studies_waiting ON studies (last_arrival) WHERE boundary = 1 AND claimed = 0;
+
+CREATE TABLE IF NOT EXISTS assembly_outbox (  -- bursts not yet announced: open, or claimed and not acked
+    StudyInstanceUID TEXT NOT NULL,
+    burst INTEGER NOT NULL,
+    burst_instances INTEGER NOT NULL,
+    sources TEXT NOT NULL,              -- JSON list
+    last_arrival REAL NOT NULL,         -- epoch seconds
+    boundary INTEGER NOT NULL,
+    boundary_at REAL,
+    claimed_at REAL,                    -- NULL while open; the claim's lease starts here
+    PRIMARY KEY (StudyInstanceUID, burst)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS assembly_outbox_open ON assembly_outbox (StudyInstanceUID)
+    WHERE claimed_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS audit_outbox (  -- created instances whose audit record is not yet published
+    SOPInstanceUID TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_outbox_by_age ON audit_outbox (created_at);
+
+CREATE TABLE IF NOT EXISTS removed_studies (  -- index outbox of studies whose last instance left
+    StudyInstanceUID TEXT PRIMARY KEY,
+    changed_at REAL NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS series (
     SeriesInstanceUID TEXT PRIMARY KEY,
@@ -168,14 +189,32 @@ class _Database:
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode = WAL")
+            # The busy timeout comes first: worker processes (docs/adr/0005) open the same file at
+            # once; every statement then waits for the others' locks.
+            connection = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+            )
+            _use_wal(connection)
             connection.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; fsync at checkpoints
-            connection.execute("PRAGMA busy_timeout = 10000")
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)
         return connection
+
+
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """Switch the file to WAL (it stays so). SQLite answers "locked" at once, without the busy
+    timeout, while another process holds a lock on a file changing journal mode: retry for as long."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return
 
 
 def _in_transaction(connection: sqlite3.Connection, kind: str, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -206,6 +245,7 @@ class SqliteMetadataStore:
     async def start(self) -> None:
         """Open the file and create tables and indexes if absent."""
         await self._db.start()
+        await self._db.write(_move_assembly_state)
 
     async def close(self) -> None:
         """Stop the threads and close the connections."""
@@ -267,34 +307,78 @@ class SqliteMetadataStore:
         return [_result(query.level, row) for row in rows]
 
     async def mark_boundary(self, study_uids: Sequence[str], at: datetime) -> None:
-        """Set the boundary flag of these studies."""
+        """Set the boundary flag of these studies' open bursts."""
         if not study_uids:
             return
         sql = (
-            "UPDATE studies SET boundary = 1, boundary_at = ?"
-            " WHERE StudyInstanceUID IN (SELECT value FROM json_each(?))"
+            "UPDATE assembly_outbox SET boundary = 1, boundary_at = ?"
+            " WHERE claimed_at IS NULL AND StudyInstanceUID IN (SELECT value FROM json_each(?))"
         )
         await self._db.write(lambda c: c.execute(sql, (_epoch(at), _dumps(list(study_uids)))))
 
-    async def claim_ready(self, quiet_before: datetime, limit: int = 100) -> list[ReadyStudy]:
-        """Hand out the complete bursts once (the single writer serialises claimers)."""
-        return await self._db.write(lambda c: _claim_ready(c, _epoch(quiet_before), limit))
+    async def claim_ready(
+        self, now: datetime, *, quiet: timedelta, max_idle: timedelta, lease: timedelta, limit: int = 100
+    ) -> list[ReadyStudy]:
+        """Claim the ended bursts (see ``MetadataStore.claim_ready``); BEGIN IMMEDIATE serialises
+        claimers, across processes too."""
+        at = _epoch(now)
+        return await self._db.write(lambda c: _claim_ready(
+            c, at, limit, quiet_before=at - quiet.total_seconds(), idle_before=at - max_idle.total_seconds(),
+            expired_before=at - lease.total_seconds(),
+        ))
+
+    async def ack_ready(self, study_uid: str, burst: int) -> None:
+        """Remove a claimed burst from the assembly outbox."""
+        sql = (
+            "DELETE FROM assembly_outbox WHERE StudyInstanceUID = ? AND burst = ? AND claimed_at IS NOT NULL"
+        )
+        await self._db.write(lambda c: c.execute(sql, (study_uid, burst)))
+
+    async def pending_audit(self, stored_before: datetime, limit: int = 100) -> list[InstanceRecord]:
+        """Instances in the audit outbox, oldest first."""
+        sql = (
+            f"SELECT {_INSTANCE_COLUMNS} FROM audit_outbox JOIN instances USING (SOPInstanceUID)"  # noqa: S608
+            " WHERE created_at < ? ORDER BY created_at LIMIT ?"
+        )
+        rows = await self._db.read(lambda c: c.execute(sql, (_epoch(stored_before), limit)).fetchall())
+        return [_record(row) for row in rows]
+
+    async def clear_audit(self, sop_instance_uids: Sequence[str]) -> None:
+        """Remove instances from the audit outbox."""
+        if not sop_instance_uids:
+            return
+        sql = "DELETE FROM audit_outbox WHERE SOPInstanceUID IN (SELECT value FROM json_each(?))"
+        await self._db.write(lambda c: c.execute(sql, (_dumps(list(sop_instance_uids)),)))
 
     async def studies_to_index(self, limit: int = 500) -> list[tuple[DicomJson, int]]:
-        """Studies changed since last indexed, oldest change first, with their version."""
-        sql = (
-            f"SELECT {_STUDY_COLUMNS}, version FROM studies WHERE version > indexed_version"  # noqa: S608
-            " ORDER BY changed_at LIMIT ?"
+        """Studies changed since last indexed, oldest change first, with their version; a removed
+        study as its tombstone, with version 0."""
+        changed = (
+            f"SELECT changed_at, {_STUDY_COLUMNS}, version FROM studies"  # noqa: S608 - fixed text
+            " WHERE version > indexed_version ORDER BY changed_at LIMIT ?"
         )
-        rows = await self._db.read(lambda c: c.execute(sql, (limit,)).fetchall())
-        return [(_result("study", row[:-1]), row[-1]) for row in rows]
+        removed = "SELECT changed_at, StudyInstanceUID FROM removed_studies ORDER BY changed_at LIMIT ?"
+
+        def pending(c: sqlite3.Connection) -> list[tuple[float, DicomJson, int]]:
+            studies = [(row[0], _result("study", row[1:-1]), row[-1]) for row in c.execute(changed, (limit,))]
+            gone = [(at, _search.tombstone(uid), 0) for at, uid in c.execute(removed, (limit,))]
+            return sorted([*studies, *gone], key=lambda item: item[0])[:limit]
+
+        return [(study, version) for _, study, version in await self._db.read(pending)]
 
     async def mark_indexed(self, versions: Sequence[tuple[str, int]]) -> None:
-        """Record the indexed version of studies that have not changed since."""
+        """Record the indexed version of studies that have not changed since (version 0: forget
+        the tombstone of a removed study)."""
         sql = "UPDATE studies SET indexed_version = ? WHERE StudyInstanceUID = ? AND version = ?"
-        params = [(version, uid, version) for uid, version in versions]
-        if params:
-            await self._db.write(lambda c: c.executemany(sql, params))
+        params = [(version, uid, version) for uid, version in versions if version]
+        removed = [(uid,) for uid, version in versions if not version]
+
+        def mark(c: sqlite3.Connection) -> None:
+            c.executemany(sql, params)
+            c.executemany("DELETE FROM removed_studies WHERE StudyInstanceUID = ?", removed)
+
+        if versions:
+            await self._db.write(mark)
 
     async def iter_studies(self) -> AsyncIterator[DicomJson]:
         """Every study at study level, in Study Instance UID order, a page at a time."""
@@ -317,7 +401,10 @@ class SqliteMetadataStore:
 
     async def index_lag_seconds(self) -> float:
         """Age of the oldest change not yet indexed."""
-        sql = "SELECT MIN(changed_at) FROM studies WHERE version > indexed_version"
+        sql = (
+            "SELECT MIN(changed_at) FROM (SELECT MIN(changed_at) AS changed_at FROM studies"
+            " WHERE version > indexed_version UNION ALL SELECT MIN(changed_at) FROM removed_studies)"
+        )
         oldest = (await self._db.read(lambda c: c.execute(sql).fetchone()))[0]
         return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
@@ -341,6 +428,8 @@ def _put_instance(c: sqlite3.Connection, record: InstanceRecord, now: float) -> 
     )
     new_series = _add_to_series(c, record, attributes)
     _add_to_study(c, record, attributes, new_series, now)
+    _add_to_burst(c, record)
+    c.execute("INSERT OR REPLACE INTO audit_outbox VALUES (?, ?)", (record.sop_instance_uid, now))
     return PutOutcome.CREATED
 
 
@@ -368,41 +457,59 @@ def _add_to_series(c: sqlite3.Connection, record: InstanceRecord, attributes: di
 def _add_to_study(
     c: sqlite3.Connection, record: InstanceRecord, attributes: dict[str, Any], new_series: bool, now: float
 ) -> None:
-    arrival = _epoch(record.received_at)
     modality = attributes.get("Modality")
     row = c.execute(
-        "SELECT modalities, sources, claimed FROM studies WHERE StudyInstanceUID = ?", (record.study_uid,)
+        "SELECT modalities FROM studies WHERE StudyInstanceUID = ?", (record.study_uid,)
     ).fetchone()
     if row is None:
         fields = _qido.level_fields(attributes, "study")
         c.execute(
             f"INSERT INTO studies (StudyInstanceUID, {', '.join(fields)}, NumberOfStudyRelatedSeries,"  # noqa: S608
-            " NumberOfStudyRelatedInstances, modalities, representative, dataset, burst, burst_instances,"
-            " claimed, boundary, last_arrival, sources, version, indexed_version, changed_at)"
-            f" VALUES ({', '.join('?' * (len(fields) + 15))})",
+            " NumberOfStudyRelatedInstances, modalities, representative, dataset, burst,"
+            " version, indexed_version, changed_at)"
+            f" VALUES ({', '.join('?' * (len(fields) + 10))})",
             (
                 record.study_uid, *fields.values(), 1, 1, _dumps([modality] if modality else []),
-                record.sop_instance_uid, _dumps(_qido.project(record.dataset, "study")),
-                1, 1, 0, 0, arrival, _dumps([record.source]), 1, 0, now,
+                record.sop_instance_uid, _dumps(_qido.project(record.dataset, "study")), 0, 1, 0, now,
             ),
         )
+        c.execute("DELETE FROM removed_studies WHERE StudyInstanceUID = ?", (record.study_uid,))
         return
     modalities = set(json.loads(row[0]))
     if modality:
         modalities.add(modality)
-    sources = {record.source} if row[2] else {*json.loads(row[1]), record.source}
     # SQLite evaluates every right-hand side on the row as it was before the update.
     c.execute(
         "UPDATE studies SET NumberOfStudyRelatedInstances = NumberOfStudyRelatedInstances + 1,"
         " NumberOfStudyRelatedSeries = NumberOfStudyRelatedSeries + ?, modalities = ?,"
-        " burst = burst + claimed, burst_instances = CASE WHEN claimed THEN 1 ELSE burst_instances + 1 END,"
-        " claimed = 0, boundary = 0, last_arrival = MAX(last_arrival, ?), sources = ?,"
         " changed_at = CASE WHEN version > indexed_version THEN changed_at ELSE ? END, version = version + 1"
         " WHERE StudyInstanceUID = ?",
-        (
-            int(new_series), _dumps(sorted(modalities)), arrival, _dumps(sorted(sources)), now,
-            record.study_uid,
-        ),
+        (int(new_series), _dumps(sorted(modalities)), now, record.study_uid),
+    )
+
+
+def _add_to_burst(c: sqlite3.Connection, record: InstanceRecord) -> None:
+    """Count a created instance into its study's open burst; open the study's next burst if none is."""
+    arrival = _epoch(record.received_at)
+    row = c.execute(
+        "SELECT burst, sources FROM assembly_outbox WHERE StudyInstanceUID = ? AND claimed_at IS NULL",
+        (record.study_uid,),
+    ).fetchone()
+    if row is None:
+        (burst,) = c.execute(
+            "UPDATE studies SET burst = burst + 1 WHERE StudyInstanceUID = ? RETURNING burst",
+            (record.study_uid,),
+        ).fetchone()
+        c.execute(
+            "INSERT INTO assembly_outbox (StudyInstanceUID, burst, burst_instances, sources, last_arrival,"
+            " boundary) VALUES (?, ?, 1, ?, ?, 0)",
+            (record.study_uid, burst, _dumps([record.source]), arrival),
+        )
+        return
+    c.execute(
+        "UPDATE assembly_outbox SET burst_instances = burst_instances + 1, sources = ?, boundary = 0,"
+        " boundary_at = NULL, last_arrival = MAX(last_arrival, ?) WHERE StudyInstanceUID = ? AND burst = ?",
+        (_dumps(sorted({*json.loads(row[1]), record.source})), arrival, record.study_uid, row[0]),
     )
 
 
@@ -415,6 +522,7 @@ def _delete_instance(c: sqlite3.Connection, sop_instance_uid: str, now: float) -
         return
     study_uid, series_uid = row
     c.execute("DELETE FROM instances WHERE SOPInstanceUID = ?", (sop_instance_uid,))
+    c.execute("DELETE FROM audit_outbox WHERE SOPInstanceUID = ?", (sop_instance_uid,))
     c.execute(
         "UPDATE series SET NumberOfSeriesRelatedInstances = NumberOfSeriesRelatedInstances - 1"
         " WHERE SeriesInstanceUID = ?",
@@ -431,6 +539,8 @@ def _delete_instance(c: sqlite3.Connection, sop_instance_uid: str, now: float) -
         (study_uid,),
     ).rowcount
     if study_gone:
+        c.execute("INSERT OR IGNORE INTO removed_studies VALUES (?, ?)", (study_uid, now))
+        c.execute("DELETE FROM assembly_outbox WHERE StudyInstanceUID = ?", (study_uid,))
         return
     modalities = [m for (m,) in c.execute(
         "SELECT DISTINCT Modality FROM series WHERE StudyInstanceUID = ? AND Modality IS NOT NULL",
@@ -439,10 +549,14 @@ def _delete_instance(c: sqlite3.Connection, sop_instance_uid: str, now: float) -
     c.execute(
         "UPDATE studies SET NumberOfStudyRelatedInstances = NumberOfStudyRelatedInstances - 1,"
         " NumberOfStudyRelatedSeries = NumberOfStudyRelatedSeries - ?, modalities = ?,"
-        " burst_instances = CASE WHEN claimed THEN burst_instances ELSE MAX(burst_instances - 1, 0) END,"
         " changed_at = CASE WHEN version > indexed_version THEN changed_at ELSE ? END, version = version + 1"
         " WHERE StudyInstanceUID = ?",
         (series_gone, _dumps(sorted(modalities)), now, study_uid),
+    )
+    c.execute(
+        "UPDATE assembly_outbox SET burst_instances = MAX(burst_instances - 1, 0)"
+        " WHERE StudyInstanceUID = ? AND claimed_at IS NULL",
+        (study_uid,),
     )
     _replace_representative(c, "study", study_uid, sop_instance_uid)
 
@@ -465,14 +579,26 @@ def _replace_representative(c: sqlite3.Connection, level: Level, uid: str, remov
     )
 
 
-def _claim_ready(c: sqlite3.Connection, quiet_before: float, limit: int) -> list[ReadyStudy]:
+def _claim_ready(
+    c: sqlite3.Connection,
+    now: float,
+    limit: int,
+    *,
+    quiet_before: float,
+    idle_before: float,
+    expired_before: float,
+) -> list[ReadyStudy]:
     rows = c.execute(
-        "SELECT StudyInstanceUID, burst, burst_instances, NumberOfStudyRelatedInstances, PatientID,"
-        " modalities, sources FROM studies WHERE boundary = 1 AND claimed = 0 AND last_arrival < ?"
-        " ORDER BY last_arrival LIMIT ?",
-        (quiet_before, limit),
+        "SELECT o.StudyInstanceUID, o.burst, o.burst_instances, s.NumberOfStudyRelatedInstances, s.PatientID,"
+        " s.modalities, o.sources FROM assembly_outbox AS o JOIN studies AS s USING (StudyInstanceUID)"
+        " WHERE ((o.boundary = 1 AND o.last_arrival < ?) OR o.last_arrival < ?)"
+        " AND (o.claimed_at IS NULL OR o.claimed_at < ?) ORDER BY o.last_arrival LIMIT ?",
+        (quiet_before, idle_before, expired_before, limit),
     ).fetchall()
-    c.executemany("UPDATE studies SET claimed = 1 WHERE StudyInstanceUID = ?", [(row[0],) for row in rows])
+    c.executemany(
+        "UPDATE assembly_outbox SET claimed_at = ? WHERE StudyInstanceUID = ? AND burst = ?",
+        [(now, row[0], row[1]) for row in rows],
+    )
     return [
         ReadyStudy(
             study_uid=row[0], burst=row[1], burst_instances=row[2], total_instances=row[3], patient_id=row[4],
@@ -480,6 +606,20 @@ def _claim_ready(c: sqlite3.Connection, quiet_before: float, limit: int) -> list
         )
         for row in rows
     ]
+
+
+def _move_assembly_state(c: sqlite3.Connection) -> None:
+    """Move the open bursts of a file written before the assembly outbox into it (once)."""
+    if "claimed" not in {row[1] for row in c.execute("PRAGMA table_info(studies)")}:
+        return
+    c.execute(
+        "INSERT OR IGNORE INTO assembly_outbox (StudyInstanceUID, burst, burst_instances, sources,"
+        " last_arrival, boundary, boundary_at) SELECT StudyInstanceUID, burst, burst_instances, sources,"
+        " last_arrival, boundary, boundary_at FROM studies WHERE claimed = 0"
+    )
+    c.execute("DROP INDEX IF EXISTS studies_waiting")
+    for column in ("burst_instances", "claimed", "boundary", "boundary_at", "last_arrival", "sources"):
+        c.execute(f"ALTER TABLE studies DROP COLUMN {column}")
 
 
 def _where(plan: Plan) -> tuple[str, list[Any]]:
@@ -607,10 +747,20 @@ class SqliteSearchIndex:
             return False
 
     async def index_studies(self, studies: Sequence[DicomJson]) -> None:
-        """Add or replace study documents in one transaction."""
-        documents = [_search.study_document(study) for study in studies]
-        if documents:
-            await self._db.write(lambda c: _index_documents(c, documents))
+        """Add or replace study documents, and drop those of tombstones, in one transaction."""
+        documents, removed = [], []
+        for study in studies:
+            document = _search.study_document(study)
+            if _search.is_tombstone(study):
+                removed.append(document.study_uid)
+            else:
+                documents.append(document)
+        if documents or removed:
+            await self._db.write(lambda c: _index_documents(c, documents, removed))
+
+    async def query_studies(self, query: Query) -> list[DicomJson] | None:
+        """None: the SQLite metadata store answers structured queries itself, as fast."""
+        return None
 
     async def fuzzy_patient_names(self, name: str, limit: int = 1000) -> list[str]:
         """Studies whose patient name is close to ``name`` (see the class docstring), closest first."""
@@ -637,9 +787,17 @@ class SqliteSearchIndex:
         await self._db.script(_DROP_SEARCH + _SEARCH_SCHEMA)
 
 
-def _index_documents(c: sqlite3.Connection, documents: Sequence[_search.StudyDocument]) -> None:
+def _index_documents(
+    c: sqlite3.Connection, documents: Sequence[_search.StudyDocument], removed: Sequence[str]
+) -> None:
     for document in documents:
         _index_document(c, document)
+    for study_uid in removed:
+        found = c.execute("SELECT id FROM documents WHERE study_uid = ?", (study_uid,)).fetchone()
+        if found is not None:
+            c.execute("DELETE FROM study_text WHERE rowid = ?", found)
+            c.execute("DELETE FROM documents WHERE id = ?", found)
+        c.execute("DELETE FROM name_words WHERE study_uid = ?", (study_uid,))
 
 
 def _index_document(c: sqlite3.Connection, document: _search.StudyDocument) -> None:
