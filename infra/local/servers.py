@@ -385,14 +385,19 @@ class RabbitMQ(Server):
 
     def _after_stop(self) -> None:
         epmd = shutil.which("epmd")
-        if epmd:
-            # epmd refuses to die while a node is registered, so this never hurts a live node.
+        if not epmd:
+            return
+        # epmd refuses to die while a node is registered, so this never hurts a live node; a node
+        # that just stopped may still be registered for a moment, so ask until the port is free.
+        deadline = time.monotonic() + 15
+        while not port_is_free(self.epmd_port) and time.monotonic() < deadline:
             subprocess.run(  # noqa: S603 -- fixed epmd command line
                 [epmd, "-port", str(self.epmd_port), "-kill"],
                 capture_output=True,
                 timeout=10,
                 check=False,
             )
+            time.sleep(0.2)
 
 
 class Elasticsearch(Server):
