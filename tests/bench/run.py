@@ -148,13 +148,17 @@ async def seed_store(settings: dict[str, str], data_dir: Path, studies: int, per
         await resources.metadata.close()
 
 
-def wait_indexed(platform: LucernaProcess, timeout: float = 600) -> None:
-    """Wait until the search index has caught up (lag gauge at 0)."""
+def wait_indexed(platform: LucernaProcess, params: dict[str, str], timeout: float = 600) -> None:
+    """Wait until the search index has caught up: the lag gauge reads 0 (it also reads 0 before the
+    indexer's first pass) and a query served by the index finds the seeded studies."""
     deadline = time.monotonic() + timeout
+    headers = {"Accept": "application/dicom+json"}
     while time.monotonic() < deadline:
-        text = httpx.get(f"{platform.base_url}/metrics").text
-        for line in text.splitlines():
-            if line.startswith("lucerna_search_index_lag_seconds ") and float(line.split()[1]) == 0:
+        metrics = httpx.get(f"{platform.base_url}/metrics").text
+        lag = [line for line in metrics.splitlines() if line.startswith("lucerna_search_index_lag_seconds ")]
+        if lag and float(lag[0].split()[1]) == 0:
+            found = httpx.get(f"{platform.dicomweb}/studies", params=params, headers=headers)
+            if found.status_code == 200 and found.json():
                 return
         time.sleep(1)
     raise RuntimeError("search index did not catch up")
@@ -176,6 +180,7 @@ def main() -> int:
     started: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="lucerna-bench-") as tmp:
         base = Path(tmp)
+        base.chmod(0o755)  # Elasticsearch runs as an unprivileged user and must enter its folder
         try:
             orthanc = servers.Orthanc(base / "orthanc")
             orthanc.start()
@@ -188,6 +193,7 @@ def main() -> int:
                     orthanc.dicom_port, orthanc.ae_title, synth(base / "ct-dimse-orthanc", args.instances)
                 ),
             }
+            print("orthanc", json.dumps(results["orthanc"]), flush=True)
             orthanc.stop()
             started.remove(orthanc)
             for config in configs:
@@ -215,7 +221,7 @@ def main() -> int:
                 platform = LucernaProcess(qido_dir, settings)
                 platform.start()
                 try:
-                    wait_indexed(platform)
+                    wait_indexed(platform, {"PatientName": "SMITH1*"})
                     url = f"{platform.dicomweb}/studies"
                     results[config]["qido_instances"] = count
                     results[config]["qido_patient_name_wildcard"] = latencies(url, {"PatientName": "SMITH1*"})
@@ -224,6 +230,7 @@ def main() -> int:
                     )
                 finally:
                     platform.stop()
+                print(config, json.dumps(results[config]), flush=True)
         finally:
             for server in reversed(started):
                 server.stop()
