@@ -23,7 +23,6 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 
 # Namespace of deterministic message ids, so that an event re-published from an outbox keeps its id.
-_MESSAGE_ID_NAMESPACE = uuid.UUID("5b0f3c2e-8a7d-4d61-9a57-2f6c1d0e4b93")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 M = TypeVar("M", bound=Message)
@@ -32,11 +31,6 @@ M = TypeVar("M", bound=Message)
 def new_message_id() -> str:
     """A fresh random message id."""
     return str(uuid.uuid4())
-
-
-def stable_message_id(*parts: str) -> str:
-    """The same message id for the same parts, e.g. ``("study.ready", study_uid, str(burst))``."""
-    return str(uuid.uuid5(_MESSAGE_ID_NAMESPACE, "\x1f".join(parts)))
 
 
 def new_traceparent() -> str:
