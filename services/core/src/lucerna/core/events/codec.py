@@ -22,7 +22,6 @@ CONTENT_TYPE = "application/protobuf"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 
-# Namespace of deterministic message ids, so that an event re-published from an outbox keeps its id.
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 M = TypeVar("M", bound=Message)
