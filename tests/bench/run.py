@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "infra" / "local"))
 import servers  # noqa: E402 - infra/local is a folder of scripts, not a package
 
 from tests.bench.seed import seed  # noqa: E402
-from tests.e2e.platform import LucernaProcess  # noqa: E402
+from tests.e2e.platform import LucernaProcess, real_server_settings  # noqa: E402
 
 
 def synth(folder: Path, instances: int) -> Path:
@@ -124,14 +124,7 @@ def server_settings(base: Path, started: list[Any]) -> dict[str, str]:
     for server in (mongo, elastic, rabbit):
         server.start()
         started.append(server)
-    return {
-        "LUCERNA_METADATA_BACKEND": "mongodb",
-        "LUCERNA_MONGODB_URL": mongo.url,
-        "LUCERNA_SEARCH_BACKEND": "elasticsearch",
-        "LUCERNA_ELASTICSEARCH_URL": elastic.url,
-        "LUCERNA_BUS_BACKEND": "rabbitmq",
-        "LUCERNA_RABBITMQ_URL": rabbit.url,
-    }
+    return real_server_settings(mongo.url, elastic.url, rabbit.url, "lucerna-bench")
 
 
 async def seed_store(settings: dict[str, str], data_dir: Path, studies: int, per_study: int) -> int:

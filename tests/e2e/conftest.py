@@ -7,23 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.platform import LucernaProcess
+from tests.e2e.platform import LucernaProcess, real_server_settings
 
 
 def _start(kind: str, request: pytest.FixtureRequest, tmp: pytest.TempPathFactory) -> LucernaProcess:
     name = request.module.__name__.rsplit(".", 1)[-1]
     settings = {"LUCERNA_INGESTION_QUIET_PERIOD_SECONDS": "0.5"}
     if kind == "servers":
-        settings |= {
-            "LUCERNA_METADATA_BACKEND": "mongodb",
-            "LUCERNA_MONGODB_URL": request.getfixturevalue("mongodb_url"),
-            "LUCERNA_MONGODB_DATABASE": f"e2e_{name}",
-            "LUCERNA_SEARCH_BACKEND": "elasticsearch",
-            "LUCERNA_ELASTICSEARCH_URL": request.getfixturevalue("elasticsearch_url"),
-            "LUCERNA_ELASTICSEARCH_INDEX": f"e2e-{name}".lower().replace("_", "-"),
-            "LUCERNA_BUS_BACKEND": "rabbitmq",
-            "LUCERNA_RABBITMQ_URL": request.getfixturevalue("rabbitmq_url"),
-        }
+        settings |= real_server_settings(
+            request.getfixturevalue("mongodb_url"),
+            request.getfixturevalue("elasticsearch_url"),
+            request.getfixturevalue("rabbitmq_url"),
+            f"e2e_{name}",
+        )
     process = LucernaProcess(Path(tmp.mktemp(f"lucerna-{kind}")), settings)
     process.start()
     return process

@@ -23,6 +23,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def real_server_settings(
+    mongodb_url: str, elasticsearch_url: str, rabbitmq_url: str, name: str = "lucerna"
+) -> dict[str, str]:
+    """The LUCERNA_* settings of the real-server configuration (FerretDB, Elasticsearch, RabbitMQ);
+    ``name`` picks the database and index, so runs sharing servers stay apart."""
+    return {
+        "LUCERNA_METADATA_BACKEND": "mongodb",
+        "LUCERNA_MONGODB_URL": mongodb_url,
+        "LUCERNA_MONGODB_DATABASE": name.replace("-", "_"),
+        "LUCERNA_SEARCH_BACKEND": "elasticsearch",
+        "LUCERNA_ELASTICSEARCH_URL": elasticsearch_url,
+        "LUCERNA_ELASTICSEARCH_INDEX": name.lower().replace("_", "-"),
+        "LUCERNA_BUS_BACKEND": "rabbitmq",
+        "LUCERNA_RABBITMQ_URL": rabbitmq_url,
+    }
+
+
 class LucernaProcess:
     """`lucerna up` with its own data folder and ports; extra settings as LUCERNA_* variables
     (``LUCERNA_WORKERS``: worker processes, by default as many as the machine's CPUs, at most 4)."""
