@@ -314,6 +314,15 @@ class RabbitMQ(Server):
     def ports(self) -> tuple[int, ...]:
         return (self.port, self.dist_port, self.epmd_port)
 
+    def vhost_url(self, vhost: str) -> str:
+        """The URL of a virtual host of its own (created, guest allowed), so that the platforms
+        of different tests share the broker but none of its queues."""
+        for args in (("add_vhost", vhost), ("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")):
+            result = self._ctl(*args)
+            if result.returncode != 0 and "already_exists" not in result.stderr + result.stdout:
+                raise ServerError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr or result.stdout}")
+        return f"amqp://guest:guest@{LOOPBACK}:{self.port}/{vhost}"
+
     def _environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
         env.update(

@@ -147,3 +147,29 @@ async def test_the_service_loop_announces_a_stow_burst_once(
         await service.stop()
     [ready] = events.studies_ready()
     assert (ready.study_instance_uid, ready.burst_instances) == (study, 2)
+
+
+async def test_study_ready_carries_what_rules_match_on_and_the_instance_set(
+    ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
+) -> None:
+    study = generate_uid()
+    described = {"StudyDescription": "CT THORAX"}
+    dimse = [ct(study=study, number=n, BodyPartExamined="chest", **described) for n in (1, 2)]
+    stow = [ct(study=study, number=3, **described)]  # no BodyPartExamined
+    assert all(o.succeeded for o in await ingest(ports, dimse, "dimse:CT@SITE1@10.0.0.5"))
+    assert all(o.succeeded for o in await ingest(ports, stow, "stow:ris@10.0.0.9"))
+    await end_of_burst(ports.metadata, [study])
+    await assembler_for(resources).run_once(datetime.now(UTC) + QUIET * 2)
+
+    await events.settle()
+    [ready] = events.studies_ready()
+    stored = await resources.metadata.list_instances(study)
+    assert ready.study_description == "CT THORAX"
+    assert list(ready.body_parts) == ["CHEST"]
+    assert list(ready.calling_ae_titles) == ["CT@SITE1"]  # the host after the last "@" is not part of it
+    assert list(ready.sop_class_uids) == sorted({r.sop_class_uid for r in stored})
+    assert [(i.sop_instance_uid, i.sha256, i.series_instance_uid) for i in ready.instances] == [
+        (r.sop_instance_uid, r.sha256, r.series_uid) for r in stored
+    ]
+    assert {i.modality for i in ready.instances} == {"CT"}
+    assert sorted(i.body_part for i in ready.instances) == ["", "CHEST", "CHEST"]

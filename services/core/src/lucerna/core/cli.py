@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import importlib
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -14,16 +19,19 @@ import uvicorn
 from lucerna.core import logging as lucerna_logging
 from lucerna.core.bootstrap import build_resources
 from lucerna.core.http import create_app
-from lucerna.core.service import Service, discover
+from lucerna.core.service import HasCompanion, Service, discover
 from lucerna.core.settings import CoreSettings
 from lucerna.core.workers import claim_port, reuse_port_socket, supervise
+
+COMPANION_STOP_SECONDS = 15.0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lucerna`` console script."""
     parser = argparse.ArgumentParser(prog="lucerna", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="run every installed service in one process (embedded defaults)")
+    up = commands.add_parser("up", help="run every installed service in one process (embedded defaults)")
+    up.add_argument("--only", metavar="SERVICES", help="comma-separated services to run instead of all")
     serve = commands.add_parser("serve", help="run one service alone (as in Kubernetes)")
     serve.add_argument("service")
     commands.add_parser("reindex", help="rebuild the search index from the metadata store")
@@ -45,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.service not in installed:
             parser.error(f"unknown service {args.service!r}; installed: {', '.join(sorted(installed))}")
         return _run(settings, [installed[args.service]], args.service)
-    return _run(settings, [installed[name] for name in sorted(installed)], "lucerna")
+    chosen = sorted(installed) if not args.only else [name.strip() for name in args.only.split(",")]
+    unknown = [name for name in chosen if name not in installed]
+    if unknown:
+        parser.error(f"unknown service(s) {', '.join(unknown)}; installed: {', '.join(sorted(installed))}")
+    return _run(settings, [installed[name] for name in chosen], "lucerna")
 
 
 def _run(settings: CoreSettings, services: list[Service], name: str) -> int:
@@ -70,10 +82,42 @@ def _run(settings: CoreSettings, services: list[Service], name: str) -> int:
         file=sys.stderr,
         flush=True,
     )
-    if workers == 1:
-        uvicorn.run(create_app(build_resources(settings), services), **_uvicorn_options(settings))
-        return 0
-    return supervise(workers, functools.partial(_serve_worker, settings, services, name))
+    with _companions(settings, services):
+        if workers == 1:
+            uvicorn.run(create_app(build_resources(settings), services), **_uvicorn_options(settings))
+            return 0
+        return supervise(workers, functools.partial(_serve_worker, settings, services, name))
+
+
+@contextlib.contextmanager
+def _companions(settings: CoreSettings, services: list[Service]) -> Iterator[None]:
+    """Start the services' companion processes (once per host, not per worker); stop them after."""
+    processes = []
+    # uvicorn handles SIGTERM itself, then restores the handler it found and raises the signal
+    # again; with the default handler the process would die there, before stopping companions.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for service in services:
+            command = service.companion_command(settings) if isinstance(service, HasCompanion) else None
+            if command:
+                print(f"lucerna: starting {service.name}'s companion: {' '.join(command)}", file=sys.stderr)
+                # Its own session: a Ctrl-C in the terminal reaches the runner, which stops it in order.
+                processes.append(subprocess.Popen(command, start_new_session=True))  # noqa: S603
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(COMPANION_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)  # a requested stop, as with the supervisor's workers
 
 
 def _serve_worker(settings: CoreSettings, services: list[Service], name: str, index: int) -> None:

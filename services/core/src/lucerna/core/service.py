@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from starlette.routing import BaseRoute
 
@@ -45,6 +45,17 @@ class Service(Protocol):
     async def stop(self) -> None:
         """Stop background work, finishing or handing back what is in flight."""
         ...
+
+
+@runtime_checkable
+class HasCompanion(Protocol):
+    """A service that needs a process of its own beside it on the host (e.g. a local Triton).
+
+    The runner (``lucerna up`` / ``lucerna serve``) starts the command once per host, before its
+    worker processes, and stops it when it stops; ``None``: nothing to start (e.g. in Kubernetes).
+    """
+
+    def companion_command(self, settings: CoreSettings) -> list[str] | None: ...
 
 
 def discover() -> dict[str, Service]:

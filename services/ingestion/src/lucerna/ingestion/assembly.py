@@ -76,7 +76,11 @@ class StudyAssembler:
                 at, quiet=self._quiet_period, max_idle=self._max_idle, lease=self._lease, limit=CLAIM_BATCH
             )
             for ready in batch:
-                announcement = [events.study_ready(ready, at), events.study_ready_audit(ready, at)]
+                instances = await self._metadata.list_instances(ready.study_uid)
+                announcement = [
+                    events.study_ready(ready, at, instances),
+                    events.study_ready_audit(ready, at),
+                ]
                 self._unpublished.append((ready, announcement))
                 log.info(
                     "study ready",

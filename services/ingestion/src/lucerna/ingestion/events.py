@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
+from lucerna.core.dicom.attributes import first_value
 from lucerna.core.events import codec
 from lucerna.core.events.ports import Envelope
 from lucerna.core.events.topology import AUDIT_RECORD, STUDY_READY
@@ -40,8 +42,11 @@ def instance_stored(record: InstanceRecord, traceparent: str | None = None) -> E
     )
 
 
-def study_ready(ready: ReadyStudy, at: datetime) -> Envelope:
-    """``study.ready`` for one burst of a study."""
+def study_ready(ready: ReadyStudy, at: datetime, instances: Sequence[InstanceRecord] = ()) -> Envelope:
+    """``study.ready`` for one burst of a study, with what workflow rules match on and the study's
+    instance set so far (``instances``: the study's stored instances)."""
+    refs = [_instance_ref(record) for record in instances]
+    descriptions = (first_value(record.dataset, "StudyDescription") for record in instances)
     message = events_pb2.StudyReady(
         study_instance_uid=ready.study_uid,
         burst=ready.burst,
@@ -51,6 +56,11 @@ def study_ready(ready: ReadyStudy, at: datetime) -> Envelope:
         modalities=list(ready.modalities),
         sources=list(ready.sources),
         ready_at=at,
+        study_description=next((str(d).strip() for d in descriptions if d), ""),
+        body_parts=sorted({ref.body_part for ref in refs if ref.body_part}),
+        sop_class_uids=sorted({ref.sop_class_uid for ref in refs}),
+        calling_ae_titles=sorted({ae for record in instances if (ae := calling_ae_title(record.source))}),
+        instances=refs,
     )
     return codec.encode(
         STUDY_READY,
@@ -81,4 +91,25 @@ def study_ready_audit(ready: ReadyStudy, at: datetime) -> Envelope:
         correlation_id=ready.study_uid,
         message_id=f"audit-study-ready:{ready.study_uid}:{ready.burst}",
         timestamp=at,
+    )
+
+
+def calling_ae_title(source: str) -> str | None:
+    """The calling AE title of a ``dimse:<AE>@<host>`` source; None for STOW-RS."""
+    if not source.startswith("dimse:"):
+        return None
+    return source.removeprefix("dimse:").rpartition("@")[0] or None
+
+
+def _instance_ref(record: InstanceRecord) -> events_pb2.InstanceRef:
+    modality = first_value(record.dataset, "Modality")
+    body_part = first_value(record.dataset, "BodyPartExamined")
+    return events_pb2.InstanceRef(
+        sop_instance_uid=record.sop_instance_uid,
+        series_instance_uid=record.series_uid,
+        sop_class_uid=record.sop_class_uid,
+        sha256=record.sha256,
+        modality=str(modality).strip().upper() if modality else "",
+        body_part=str(body_part).strip().upper() if body_part else "",
+        transfer_syntax_uid=record.transfer_syntax_uid,
     )

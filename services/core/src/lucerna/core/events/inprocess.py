@@ -9,9 +9,14 @@ It is not durable: what is queued, in flight or dead-lettered is gone when the p
 Work that must survive a restart keeps its state in the store (the documents' outbox fields) and is
 published again from there at start.
 
+Dead letters are kept in ``dead_letters(queue)`` and wait, like RabbitMQ's ``<queue>.dead``, for a
+consumer registered with ``consume_dead_letters``; one whose handler raises is delivered again after
+a backoff delay, never dropped for that.
+
 It is bounded: a queue holds at most ``max_held`` messages waiting for a consumer (in ``lucerna up``
-some queues have none yet, e.g. ``audit.records``). Past that the oldest waiting message is
-dropped, with a WARNING log and ``lucerna_bus_dropped_total{queue}``. Nothing durable is lost by
+some queues have none yet, e.g. ``audit.records``), and as many dead letters waiting for a
+dead-letter consumer. Past that the oldest waiting message is dropped, with a WARNING log and
+``lucerna_bus_dropped_total{queue}`` (``<queue>.dead`` for a dead letter). Nothing durable is lost by
 that: events that must not be lost are derived from the store's outboxes, which keep them until
 published, and a broker (RabbitMQ) keeps them for good.
 """
@@ -24,8 +29,16 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from lucerna.core.events.ports import Envelope, Handler, PermanentError, PublishError
+from lucerna.core.events.ports import (
+    DeadLetter,
+    DeadLetterHandler,
+    Envelope,
+    Handler,
+    PermanentError,
+    PublishError,
+)
 from lucerna.core.events.retry import retry_delay
 from lucerna.core.events.topology import DEFAULT, QueueSpec, Topology
 from lucerna.core.logging import correlation_id
@@ -33,15 +46,9 @@ from lucerna.core.metrics import BUS_DROPPED
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DeadLetter", "InProcessBus"]  # DeadLetter is the port's, exported here as before
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A message that left its queue for good: why, when, and the envelope as last delivered."""
-
-    queue: str
-    envelope: Envelope
-    reason: str
-    at: datetime
+T = TypeVar("T", Envelope, DeadLetter)
 
 
 @dataclass
@@ -49,6 +56,8 @@ class _Queue:
     spec: QueueSpec
     pending: asyncio.Queue[Envelope] = dataclasses.field(default_factory=asyncio.Queue)
     dead: list[DeadLetter] = dataclasses.field(default_factory=list)
+    # The dead letters a dead-letter consumer has not taken yet (RabbitMQ's ``<queue>.dead``).
+    dead_waiting: asyncio.Queue[DeadLetter] = dataclasses.field(default_factory=asyncio.Queue)
 
 
 class InProcessBus:
@@ -124,6 +133,20 @@ class InProcessBus:
         task = asyncio.create_task(self._consume(target, handler, prefetch), name=f"consume {queue}")
         self._consumers.append(task)
 
+    async def consume_dead_letters(
+        self, queue: str, handler: DeadLetterHandler, *, prefetch: int = 16
+    ) -> None:
+        """Deliver the queue's dead letters (those already there first) to ``handler`` until ``close``;
+        one whose handler raises is delivered again after a backoff delay."""
+        self._check_open()
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        target = self._queues[self._topology.queue(queue).name]
+        task = asyncio.create_task(
+            self._consume_dead(target, handler, prefetch), name=f"consume {queue}.dead"
+        )
+        self._consumers.append(task)
+
     def dead_letters(self, queue: str) -> list[DeadLetter]:
         """The messages dead-lettered from ``queue`` since start, oldest first."""
         return list(self._queues[self._topology.queue(queue).name].dead)
@@ -150,6 +173,52 @@ class InProcessBus:
             task = asyncio.create_task(self._deliver(queue, handler, envelope, slots))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
+
+    async def _consume_dead(self, queue: _Queue, handler: DeadLetterHandler, prefetch: int) -> None:
+        slots = asyncio.Semaphore(prefetch)
+        while True:
+            await slots.acquire()
+            try:
+                dead = await queue.dead_waiting.get()
+            except BaseException:
+                slots.release()
+                raise
+            task = asyncio.create_task(self._deliver_dead(queue, handler, dead, slots))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _deliver_dead(
+        self, queue: _Queue, handler: DeadLetterHandler, dead: DeadLetter, slots: asyncio.Semaphore
+    ) -> None:
+        token = correlation_id.set(dead.envelope.correlation_id or None)
+        failures = 0
+        try:
+            while True:
+                try:
+                    await handler(dead)
+                except Exception as exc:  # noqa: BLE001 - a dead letter is never dropped: deliver it again
+                    delay = retry_delay(failures, self._retry_base_delay, self._retry_max_delay)
+                    failures += 1
+                    log.warning(
+                        "dead-letter handler failed; delivering again",
+                        extra={
+                            "queue": queue.spec.dead_letter_queue,
+                            "message_id": dead.envelope.message_id,
+                            "retry_in_s": round(delay, 3),
+                            "error": f"{type(exc).__name__}: {exc}",
+                        },
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), delay)
+                    if self._closing.is_set():
+                        # Back where it waited, as RabbitMQ keeps it in ``<queue>.dead``.
+                        self._hold_in(queue.dead_waiting, dead, queue.spec.dead_letter_queue)
+                        return
+                else:
+                    return
+        finally:
+            correlation_id.reset(token)
+            slots.release()
 
     async def _deliver(
         self, queue: _Queue, handler: Handler, envelope: Envelope, slots: asyncio.Semaphore
@@ -188,20 +257,25 @@ class InProcessBus:
 
     def _hold(self, queue: _Queue, envelope: Envelope) -> None:
         """Queue a message for a consumer, dropping the oldest waiting one when the queue is full."""
-        if queue.pending.qsize() >= self._max_held:
-            dropped = queue.pending.get_nowait()
-            BUS_DROPPED.labels(queue.spec.name).inc()
+        self._hold_in(queue.pending, envelope, queue.spec.name)
+
+    def _hold_in(self, waiting: asyncio.Queue[T], item: T, name: str) -> None:
+        """Put ``item`` in ``waiting`` (the queue called ``name``), dropping the oldest item when full."""
+        if waiting.qsize() >= self._max_held:
+            dropped = waiting.get_nowait()
+            BUS_DROPPED.labels(name).inc()
+            envelope = dropped.envelope if isinstance(dropped, DeadLetter) else dropped
             log.warning(
                 "in-process queue full; dropped its oldest message",
-                extra={
-                    "queue": queue.spec.name, "message_id": dropped.message_id, "max_held": self._max_held
-                },
+                extra={"queue": name, "message_id": envelope.message_id, "max_held": self._max_held},
             )
-        queue.pending.put_nowait(envelope)
+        waiting.put_nowait(item)
 
     def _dead_letter(self, queue: _Queue, envelope: Envelope, reason: str) -> None:
         log.error(
             "event dead-lettered",
             extra={"queue": queue.spec.name, "message_id": envelope.message_id, "reason": reason},
         )
-        queue.dead.append(DeadLetter(queue.spec.name, envelope, reason, datetime.now(UTC)))
+        dead = DeadLetter(queue.spec.name, envelope, reason, datetime.now(UTC))
+        queue.dead.append(dead)
+        self._hold_in(queue.dead_waiting, dead, queue.spec.dead_letter_queue)

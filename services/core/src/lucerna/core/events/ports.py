@@ -46,6 +46,25 @@ Handler = Callable[[Envelope], Awaitable[None]]
 """Returns normally to acknowledge; raises PermanentError to dead-letter; raises anything else to retry."""
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that left its queue for good: why, when, and the envelope as last delivered.
+
+    A message dead-lettered because it lacked what every event has carries what it had: an empty
+    ``message_id``, ``type`` or ``correlation_id`` where it had none.
+    """
+
+    queue: str  # the queue it died in (not its ``.dead`` queue)
+    envelope: Envelope
+    reason: str
+    at: datetime
+
+
+DeadLetterHandler = Callable[[DeadLetter], Awaitable[None]]
+"""Returns normally to take the dead letter off ``<queue>.dead``; raises to have it delivered again
+later (a dead letter is never dropped)."""
+
+
 class MessageBus(Protocol):
     """Durable publish/consume. ``publish`` returns only once the broker has taken the message."""
 
@@ -61,4 +80,11 @@ class MessageBus(Protocol):
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 16) -> None:
         """Start delivering the queue's messages to ``handler`` until ``close``."""
+        ...
+
+    async def consume_dead_letters(
+        self, queue: str, handler: DeadLetterHandler, *, prefetch: int = 16
+    ) -> None:
+        """Start delivering the messages dead-lettered from ``queue`` (those in ``<queue>.dead``),
+        with the reason each died, to ``handler`` until ``close``."""
         ...

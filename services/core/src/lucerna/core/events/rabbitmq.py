@@ -17,6 +17,12 @@ Handler outcomes:
   the delivery is returned to the queue; once it was returned more than ``delivery_limit`` times the
   broker dead-letters it (``x-first-death-reason: delivery_limit``).
 
+Dead letters: ``consume_dead_letters`` delivers the messages of ``<queue>.dead`` with the reason
+each died: the ``x-lucerna-error`` header of a copy this adapter dead-lettered (which also keeps the
+original routing key and the time in ``x-lucerna-routing-key`` and ``x-lucerna-dead-at``), else
+what the broker wrote in ``x-death`` (``delivery_limit``, ``rejected``, ...). A dead-letter handler
+that raises has its message returned to ``<queue>.dead`` after a backoff delay; none is dropped.
+
 Reconnects: the connection is aio-pika's robust one; after a broker restart it reconnects and
 re-declares the topology and re-subscribes the consumers. Deliveries that were unacknowledged when
 the connection dropped are redelivered by the broker (and count as one failed delivery), so
@@ -45,7 +51,14 @@ from aio_pika.abc import (
 )
 
 from lucerna.core.events.codec import CONTENT_TYPE
-from lucerna.core.events.ports import Envelope, Handler, PermanentError, PublishError
+from lucerna.core.events.ports import (
+    DeadLetter,
+    DeadLetterHandler,
+    Envelope,
+    Handler,
+    PermanentError,
+    PublishError,
+)
 from lucerna.core.events.retry import retry_delay
 from lucerna.core.events.topology import DEFAULT, QueueSpec, Topology
 from lucerna.core.logging import correlation_id
@@ -54,6 +67,8 @@ log = logging.getLogger(__name__)
 
 ERROR_HEADER = "x-lucerna-error"
 QUEUE_HEADER = "x-lucerna-queue"
+ROUTING_KEY_HEADER = "x-lucerna-routing-key"
+DEAD_AT_HEADER = "x-lucerna-dead-at"
 _MAX_REASON = 2000
 
 # What a lost connection or channel looks like to a caller; all of it is retried or left to
@@ -189,6 +204,59 @@ class RabbitMqBus:
         tag = await amqp_queue.consume(on_message, no_ack=False)
         self._consumers.append((amqp_queue, tag))
 
+    async def consume_dead_letters(
+        self, queue: str, handler: DeadLetterHandler, *, prefetch: int = 16
+    ) -> None:
+        """Deliver the messages of ``<queue>.dead`` with the reason each died to ``handler`` until
+        ``close``; one whose handler raises goes back to ``<queue>.dead`` after a backoff delay."""
+        if self._connection is None or self._closing.is_set():
+            raise RuntimeError("the bus is not started or is closed")
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        spec = self._topology.queue(queue)
+        channel = await self._connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=prefetch)
+        dead_queue = await channel.declare_queue(
+            spec.dead_letter_queue, durable=True, arguments=DEAD_LETTER_QUEUE_ARGUMENTS
+        )
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.create_task(self._deliver_dead(spec, handler, message))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+        tag = await dead_queue.consume(on_message, no_ack=False)
+        self._consumers.append((dead_queue, tag))
+
+    async def _deliver_dead(
+        self, spec: QueueSpec, handler: DeadLetterHandler, message: AbstractIncomingMessage
+    ) -> None:
+        dead = _dead_letter_of(spec, message)
+        token = correlation_id.set(dead.envelope.correlation_id or None)
+        try:
+            await handler(dead)
+        except Exception as exc:  # noqa: BLE001 - a dead letter is never dropped: deliver it again
+            count = message.headers.get("x-delivery-count", 0)
+            delay = retry_delay(
+                count if isinstance(count, int) else 0, self._retry_base_delay, self._retry_max_delay
+            )
+            log.warning(
+                "dead-letter handler failed; returning the message to its queue",
+                extra={
+                    "queue": spec.dead_letter_queue,
+                    "message_id": message.message_id,
+                    "retry_in_s": round(delay, 3),
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+            await _settle(message.nack(requeue=True), message)
+        else:
+            await _settle(message.ack(), message)
+        finally:
+            correlation_id.reset(token)
+
     async def _declare(self, channel: AbstractChannel) -> None:
         topology = self._topology
         exchange = await channel.declare_exchange(
@@ -300,6 +368,8 @@ class RabbitMqBus:
         headers.pop("x-delivery-count", None)
         headers[ERROR_HEADER] = reason[:_MAX_REASON]
         headers[QUEUE_HEADER] = spec.name
+        headers[ROUTING_KEY_HEADER] = message.routing_key or ""
+        headers[DEAD_AT_HEADER] = datetime.now(UTC).isoformat()
         copy = aio_pika.Message(
             body=message.body,
             headers=headers,
@@ -333,6 +403,66 @@ async def _settle(outcome: Any, message: AbstractIncomingMessage) -> None:
             "could not settle a delivery; the broker will redeliver it",
             extra={"message_id": message.message_id, "error": repr(exc)},
         )
+
+
+def _dead_letter_of(spec: QueueSpec, message: AbstractIncomingMessage) -> DeadLetter:
+    """A message of ``<queue>.dead`` as a dead letter: its reason, its original routing key and the
+    time it died, from this adapter's headers or else from the broker's ``x-death``."""
+    raw = message.headers
+    death = _first_death(raw.get("x-death"))
+    reason = _text(raw.get(ERROR_HEADER)) or _text(raw.get("x-first-death-reason")) or _text(
+        death.get("reason")
+    )
+    routing_keys = death.get("routing-keys")
+    original_key = _text(raw.get(ROUTING_KEY_HEADER)) or (
+        _text(routing_keys[0]) if isinstance(routing_keys, list) and routing_keys else ""
+    )
+    at = _timestamp(raw.get(DEAD_AT_HEADER)) or _timestamp(death.get("time")) or datetime.now(UTC)
+    headers = {
+        key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        for key, value in raw.items()
+        if isinstance(value, str | bytes)
+    }
+    envelope = Envelope(
+        routing_key=original_key or message.routing_key or "",
+        body=message.body,
+        message_id=message.message_id or "",
+        correlation_id=message.correlation_id or "",
+        timestamp=message.timestamp or at,
+        type=message.type or "",
+        headers=headers,
+    )
+    return DeadLetter(
+        queue=_text(raw.get(QUEUE_HEADER)) or _text(raw.get("x-first-death-queue")) or spec.name,
+        envelope=envelope,
+        reason=reason or "unknown",
+        at=at,
+    )
+
+
+def _first_death(value: object) -> dict[str, Any]:
+    """The oldest entry of an ``x-death`` header (the broker keeps the most recent first)."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return value[-1]
+    return {}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
+
+
+def _timestamp(value: object) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str | bytes):
+        try:
+            parsed = datetime.fromisoformat(_text(value))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
 
 
 def _envelope(message: AbstractIncomingMessage) -> Envelope:

@@ -14,6 +14,11 @@ DEAD_LETTER_EXCHANGE = "lucerna.dead"
 # Routing keys.
 STUDY_READY = "study.ready"
 AUDIT_RECORD = "audit.record"
+INFERENCE_REQUESTED_STAT = "inference.requested.stat"  # + ".<model>"
+INFERENCE_REQUESTED_ROUTINE = "inference.requested.routine"  # + ".<model>"
+INFERENCE_STARTED = "inference.started"
+INFERENCE_COMPLETED = "inference.completed"
+INFERENCE_FAILED = "inference.failed"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,12 @@ class QueueSpec:
 QUEUES: tuple[QueueSpec, ...] = (
     QueueSpec("orchestrator.study-ready", (STUDY_READY,)),
     QueueSpec("audit.records", (AUDIT_RECORD,)),
+    # STAT work has its own queue, drained first: quorum queues on RabbitMQ 3.x have no priorities.
+    QueueSpec("inference.stat", (f"{INFERENCE_REQUESTED_STAT}.*",)),
+    QueueSpec("inference.routine", (f"{INFERENCE_REQUESTED_ROUTINE}.*",)),
+    QueueSpec("orchestrator.job-events", (INFERENCE_STARTED, INFERENCE_COMPLETED, INFERENCE_FAILED)),
+    # Bound now so that results wait for the FHIR service instead of being dropped.
+    QueueSpec("fhir.inference-completed", (INFERENCE_COMPLETED,)),
 )
 
 
