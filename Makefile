@@ -12,7 +12,7 @@ PROTOS = $(shell find protos -name '*.proto')
 PROTO_OUT = services/core/src
 # Folders git does not keep while empty are left out rather than failing pytest.
 TEST_PATHS = $(wildcard tests/unit tests/integration tests/e2e)
-MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src
+MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src services/orchestrator/src services/inference/src
 # `make servers-start SERVERS="rabbitmq ferretdb"` picks some; empty means all.
 SERVERS ?=
 
@@ -43,8 +43,9 @@ test: setup lint ## the whole suite: unit, integration (real servers), e2e
 up: deps protos ## run the whole platform on this machine with embedded defaults
 	$(RUN) lucerna up
 
-bench: deps protos ## benchmarks against their anchor figures
+bench: deps protos ## benchmarks against their anchor figures (ingestion, search, inference)
 	$(RUN) python -m tests.bench.run
+	$(RUN) python -m tests.bench.inference
 
 servers-start: servers-install ## start the test servers by hand (data in var/servers)
 	python3 infra/local/servers.py start $(SERVERS)
