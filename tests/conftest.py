@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -125,5 +129,90 @@ def orthanc(servers_dir: Path) -> Iterator[servers.Orthanc]:
     """Orthanc with DICOMweb: ``.http_url``, ``.dicomweb_url``, ``.dicom_port``, ``.ae_title``, and
     ``.add_modality(name, aet, host, port)`` to let it send to a DICOM node (e.g. Lucerna's SCP)."""
     server = _start(lambda offset: servers.Orthanc(servers_dir, port_offset=offset))
+    yield server
+    server.stop()
+
+
+class LocalTriton:
+    """The local Triton server (PyTriton: ``python -m lucerna.inference.local_triton``) over a model
+    repository: ``.grpc_url`` (host:port), ``.http_url``, ``.stop()`` and ``.start()`` (down, then back)."""
+
+    name = "triton"
+    START_TIMEOUT = 120.0
+
+    def __init__(self, base_dir: Path, repository: Path, *, port_offset: int = 0) -> None:
+        self.base_dir = base_dir
+        self.repository = repository
+        self.grpc_port = 18801 + port_offset
+        self.http_port = 18800 + port_offset
+        self.metrics_port = 18802 + port_offset
+        self.ports = (self.grpc_port, self.http_port, self.metrics_port)
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.log = base_dir / f"triton-{self.grpc_port}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until every model is ready; ``ServerError`` with the log tail if not."""
+        from lucerna.inference import local_triton  # noqa: PLC0415 - imported by sessions that ask for Triton
+
+        line = local_triton.command(
+            self.repository,
+            grpc_port=self.grpc_port,
+            http_port=self.http_port,
+            metrics_port=self.metrics_port,
+            onnx_threads=1,
+        )
+        with self.log.open("ab") as output:
+            self._process = subprocess.Popen(
+                line, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                break
+            if self.ready():
+                return
+            time.sleep(0.25)
+        tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        self.stop()
+        raise servers.ServerError(f"the local Triton server did not become ready:\n{tail}")
+
+    def ready(self) -> bool:
+        """Whether every model of the repository answers ready over HTTP (PyTriton's server is up, and
+        answers /v2/health/ready, before its models are loaded)."""
+        models = sorted(path.parent.name for path in self.repository.glob("*/lucerna.yaml"))
+        try:
+            for model in models:
+                url = f"{self.http_url}/v2/models/{model}/ready"
+                with urllib.request.urlopen(url, timeout=1.0) as answer:
+                    if answer.status != 200:
+                        return False
+        except OSError:
+            return False
+        return bool(models)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 30 s) and wait until its ports are free."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        deadline = time.monotonic() + 10
+        while not all(servers.port_is_free(port) for port in self.ports) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def triton(servers_dir: Path) -> Iterator[LocalTriton]:
+    """The local Triton server serving ``infra/triton/models`` (real PyTriton, onnxruntime on CPU)."""
+    repository = _TESTS_DIR.parent / "infra" / "triton" / "models"
+    server = _start(lambda offset: LocalTriton(servers_dir, repository, port_offset=offset))
     yield server
     server.stop()
