@@ -31,6 +31,10 @@ import servers  # noqa: E402 - infra/local is a folder of scripts, not a package
 from tests.bench.seed import seed  # noqa: E402
 from tests.e2e.platform import LucernaProcess, real_server_settings  # noqa: E402
 
+# Orthanc runs no models: compare ingestion and search with ingestion and search alone (the
+# orchestrator and the inference worker would otherwise analyse every benchmark study meanwhile).
+IMAGING_STORE = ["ingestion", "metadata"]
+
 
 def synth(folder: Path, instances: int) -> Path:
     """Synthetic 512x512 CT, 100 slices a study, fresh UIDs."""
@@ -191,7 +195,7 @@ def main() -> int:
             started.remove(orthanc)
             for config in configs:
                 settings = server_settings(base / "servers", started) if config == "servers" else {}
-                platform = LucernaProcess(base / f"lucerna-{config}", settings)
+                platform = LucernaProcess(base / f"lucerna-{config}", settings, only=IMAGING_STORE)
                 platform.start()
                 try:
                     results[config] = {
@@ -211,7 +215,7 @@ def main() -> int:
                     {"LUCERNA_MONGODB_DATABASE": "qido_bench"} if config == "servers" else {}
                 )
                 count = asyncio.run(seed_store(settings, qido_dir, args.qido_studies, args.qido_per_study))
-                platform = LucernaProcess(qido_dir, settings)
+                platform = LucernaProcess(qido_dir, settings, only=IMAGING_STORE)
                 platform.start()
                 try:
                     wait_indexed(platform, {"PatientName": "SMITH1*"})

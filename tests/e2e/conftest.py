@@ -20,8 +20,10 @@ def _start(kind: str, request: pytest.FixtureRequest, tmp: pytest.TempPathFactor
             request.getfixturevalue("rabbitmq_url"),
             f"e2e_{name}",
         )
-    process = LucernaProcess(Path(tmp.mktemp(f"lucerna-{kind}")), settings)
-    process.start()
+    # A module may run a subset of the services (``PLATFORM_SERVICES``), e.g. to read a queue itself.
+    only = getattr(request.module, "PLATFORM_SERVICES", None)
+    process = LucernaProcess(Path(tmp.mktemp(f"lucerna-{kind}")), settings, only=only)
+    process.start(timeout=180)
     return process
 
 

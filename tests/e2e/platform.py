@@ -40,12 +40,29 @@ def real_server_settings(
     }
 
 
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
 class LucernaProcess:
     """`lucerna up` with its own data folder and ports; extra settings as LUCERNA_* variables
-    (``LUCERNA_WORKERS``: worker processes, by default as many as the machine's CPUs, at most 4)."""
+    (``LUCERNA_WORKERS``: worker processes, by default as many as the machine's CPUs, at most 4);
+    ``only``: the services to run (default: all installed); ``serve``: run this one service alone
+    (`lucerna serve <name>`, as in Kubernetes) instead of `lucerna up`."""
 
-    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: dict[str, str] | None = None,
+        only: list[str] | None = None,
+        serve: str | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        self.only = only
+        self.serve = serve
         self.http_port = free_port()
         self.dimse_port = free_port()
         self.ae_title = "LUCERNA"
@@ -55,6 +72,10 @@ class LucernaProcess:
             "LUCERNA_HTTP_PORT": str(self.http_port),
             "LUCERNA_INGESTION_DIMSE_PORT": str(self.dimse_port),
             "LUCERNA_INGESTION_AE_TITLE": self.ae_title,
+            # The local Triton that `lucerna up` starts beside it, on ports of its own.
+            "LUCERNA_INFERENCE_LOCAL_GRPC_PORT": str(free_port()),
+            "LUCERNA_INFERENCE_LOCAL_HTTP_PORT": str(free_port()),
+            "LUCERNA_INFERENCE_LOCAL_METRICS_PORT": str(free_port()),
             **(settings or {}),
         }
         self.log_path = data_dir / "lucerna.log"
@@ -74,13 +95,15 @@ class LucernaProcess:
         """Start and wait until /healthz answers 200."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lucerna.core.cli", "up"], env=self.env, stdout=log, stderr=log
-        )
+        command = [sys.executable, "-m", "lucerna.core.cli"]
+        command += ["serve", self.serve] if self.serve else ["up"]
+        if self.only:
+            command += ["--only", ",".join(self.only)]
+        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"lucerna up exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"lucerna exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
                     return
@@ -88,7 +111,13 @@ class LucernaProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"lucerna up not healthy after {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(f"lucerna not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, in the middle of whatever it does."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         """Stop gracefully (SIGTERM), then kill if it hangs."""
@@ -114,7 +143,8 @@ class LucernaProcess:
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
         except OSError:
             return []
-        return [int(pid) for pid in children.split()]
+        # Companion processes (the local Triton) run in sessions of their own; workers do not.
+        return [int(pid) for pid in children.split() if _session_of(int(pid)) != int(pid)]
 
     def log_entries(self) -> list[dict[str, Any]]:
         """The JSON log lines so far."""

@@ -15,6 +15,8 @@ from tests.e2e.platform import LucernaProcess
 from tests.factories import ct_slice
 
 QUEUE = queue("orchestrator.study-ready").name
+# This test is the orchestrator's queue's consumer: the platform runs without the orchestrator.
+PLATFORM_SERVICES = ["ingestion", "metadata"]
 
 
 def storescu(platform: LucernaProcess, folder: Path) -> None:
