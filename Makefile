@@ -13,10 +13,13 @@ PROTO_OUT = services/core/src
 # Folders git does not keep while empty are left out rather than failing pytest.
 TEST_PATHS = $(wildcard tests/unit tests/integration tests/e2e)
 MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src services/orchestrator/src services/inference/src
+# Training runs in a virtual environment of its own (PyTorch stays out of the services and of make test).
+TRAIN_VENV ?= $(HOME)/.cache/lucerna/train-venv
+TRAIN_PY = $(TRAIN_VENV)/bin/python
 # `make servers-start SERVERS="rabbitmq ferretdb"` picks some; empty means all.
 SERVERS ?=
 
-.PHONY: help setup servers-install deps protos lint test up bench servers-start servers-stop clean
+.PHONY: help setup servers-install deps protos lint test up bench train servers-start servers-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -46,6 +49,17 @@ up: deps protos ## run the whole platform on this machine with embedded defaults
 bench: deps protos ## benchmarks against their anchor figures (ingestion, search, inference)
 	$(RUN) python -m tests.bench.run
 	$(RUN) python -m tests.bench.inference
+
+train: deps ## train, export (FP32 + INT8) and evaluate the shipped models on CPU (~25 min; see services/inference/training)
+	test -x $(TRAIN_PY) || $(UV) venv --python 3.11 $(TRAIN_VENV)
+	$(UV) pip install --python $(TRAIN_PY) -r services/inference/training/requirements.txt
+	cd services/inference/training && \
+	  $(TRAIN_PY) train.py --model detector --variant full --seed 0 --steps 4500 --scans 40 --out runs/detector-full && \
+	  $(TRAIN_PY) train.py --model classifier --seed 0 --steps 1500 --batch 32 --scans 160 --out runs/classifier-1500 && \
+	  $(TRAIN_PY) export.py --detector runs/detector-full/model.pt --classifier runs/classifier-1500/model.pt \
+	    --repo ../../../infra/triton/models --detector-threshold 0.55 && \
+	  $(TRAIN_PY) evaluate.py --repo ../../../infra/triton/models --scans 30 --val-scans 10 --head-scans 40 \
+	    --rounds 15 --out runs/eval.json
 
 servers-start: servers-install ## start the test servers by hand (data in var/servers)
 	python3 infra/local/servers.py start $(SERVERS)

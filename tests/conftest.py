@@ -11,6 +11,7 @@ ports, so tests never hard-code them); ``LUCERNA_TEST_PORT_OFFSET`` picks the fi
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -150,6 +151,8 @@ class LocalTriton:
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log = base_dir / f"triton-{self.grpc_port}.log"
+        # The token of Triton's restricted protocols (shared memory), for clients on this host.
+        self.access_token = secrets.token_urlsafe(24)
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -163,9 +166,10 @@ class LocalTriton:
             metrics_port=self.metrics_port,
             onnx_threads=1,
         )
+        environment = os.environ | {local_triton.ACCESS_TOKEN_VARIABLE: self.access_token}
         with self.log.open("ab") as output:
             self._process = subprocess.Popen(
-                line, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                line, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=environment
             )
         deadline = time.monotonic() + self.START_TIMEOUT
         while time.monotonic() < deadline:

@@ -32,11 +32,8 @@ from typing import Any
 
 import aio_pika
 import httpx
-import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc.aio as grpc_aio
-from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import shared_memory
 
 from lucerna.core.events import codec
 from lucerna.core.events.ports import Envelope
@@ -84,10 +81,16 @@ def direct_seconds(manifest: Manifest, inputs: Prepared, batch: int, runs: int) 
 
 
 async def triton_seconds(
-    url: str, manifest: Manifest, inputs: Prepared, batch: int, in_flight: int, runs: int
+    url: str,
+    manifest: Manifest,
+    inputs: Prepared,
+    batch: int,
+    in_flight: int,
+    runs: int,
+    token: str | None = None,
 ) -> float:
     """The worker's Triton client: requests of ``batch`` slices, ``in_flight`` at once."""
-    client = TritonClient(url, concurrency=in_flight, batch_size=batch)
+    client = TritonClient(url, concurrency=in_flight, batch_size=batch, shared_memory_token=token)
     try:
         await client.infer(manifest, inputs)  # warm-up
         timings = []
@@ -100,49 +103,7 @@ async def triton_seconds(
         await client.close()
 
 
-ACCESS_TOKEN = secrets.token_urlsafe(24)
-ADMIN = {"triton-grpc-protocol-triton-access-token": ACCESS_TOKEN}  # shared memory is an admin protocol
-
-
-async def shared_memory_seconds(
-    url: str, manifest: Manifest, inputs: Prepared, batch: int, runs: int
-) -> float:
-    """Requests of ``batch`` slices whose input tensors travel in system shared memory."""
-    client = grpc_aio.InferenceServerClient(url)
-    spec, output = manifest.inputs[0], manifest.outputs[0]
-    spans = [(start, min(start + batch, len(inputs))) for start in range(0, len(inputs), batch)]
-    regions = []
-    try:
-        for index, (start, stop) in enumerate(spans):
-            data = np.ascontiguousarray(inputs.batch(start, stop))
-            name = f"lucerna-bench-{index}"
-            handle = shared_memory.create_shared_memory_region(name, f"/{name}", data.nbytes)
-            shared_memory.set_shared_memory_region(handle, [data])
-            await client.register_system_shared_memory(name, f"/{name}", data.nbytes, headers=ADMIN)
-            regions.append((name, handle, data.shape, data.nbytes))
-
-        async def request(name: str, shape: tuple[int, ...], size: int) -> None:
-            tensor = InferInput(spec.name, list(shape), spec.datatype)
-            tensor.set_shared_memory(name, size)
-            await client.infer(
-                manifest.name,
-                [tensor],
-                model_version=manifest.version,
-                outputs=[InferRequestedOutput(output.name)],
-            )
-
-        async def once() -> float:
-            started = time.perf_counter()
-            await asyncio.gather(*(request(name, shape, size) for name, _, shape, size in regions))
-            return time.perf_counter() - started
-
-        await once()
-        return min([await once() for _ in range(runs)])
-    finally:
-        for name, handle, _, _ in regions:
-            await client.unregister_system_shared_memory(name, headers=ADMIN)
-            shared_memory.destroy_shared_memory_region(handle)
-        await client.close()
+ACCESS_TOKEN = secrets.token_urlsafe(24)  # of the local Triton's shared-memory protocol
 
 
 async def wait_ready(url: str, models: list[str], within: float = 120.0) -> None:
@@ -191,8 +152,8 @@ def bench_triton(slices: int, runs: int, base: Path) -> dict[str, Any]:
                 "triton_1_per_request_1_in_flight": asyncio.run(
                     triton_seconds(url, manifest, inputs, 1, 1, runs)
                 ),
-                "triton_batch16_shared_memory": asyncio.run(
-                    shared_memory_seconds(url, manifest, inputs, 16, runs)
+                "triton_batch16_4_in_flight_shared_memory": asyncio.run(
+                    triton_seconds(url, manifest, inputs, 16, 4, runs, ACCESS_TOKEN)
                 ),
             }
             direct = figures["onnxruntime_direct_batch16"]

@@ -170,7 +170,10 @@ class LucernaProcess:
             time.sleep(0.1)
 
     def log_tail(self, lines: int = 40) -> str:
-        """The end of the process's log, for error messages."""
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        """The end of the process's log (and of its companions' logs), for error messages."""
+        tails = []
+        for path in [self.log_path, *sorted(self.data_dir.glob("*-companion.log"))]:
+            if path.exists():
+                tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                tails.append(f"--- {path.name}\n{tail}")
+        return "\n".join(tails)

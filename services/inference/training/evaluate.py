@@ -146,12 +146,12 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-def evaluate_classifier(path: Path, n_scans: int) -> dict[str, float]:
+def evaluate_classifier(path: Path, n_scans: int, seed: int = data.EVAL_SEED) -> dict[str, float]:
     """Slice- and scan-level metrics of the hemorrhage classifier on held-out head scans."""
     sess = session(path)
     slice_p, slice_y, scan_p, scan_y = [], [], [], []
     for i in range(n_scans):
-        img, lab = data.head_slices(data.EVAL_SEED + i, hemorrhage=i % 2 == 0)
+        img, lab = data.head_slices(seed + i, hemorrhage=i % 2 == 0)
         p = np.concatenate(
             [sess.run(None, {"image": img[s : s + 16, None]})[0][:, 0] for s in range(0, len(img), 16)]
         )

@@ -28,7 +28,7 @@ DETECTOR = "lung-nodule-detector"
 DETECTOR_INT8 = "lung-nodule-detector-int8"
 CLASSIFIER = "head-ct-hemorrhage"
 # Operating points chosen from the FROC / ROC evaluation on the validation seeds (see docs/models.md).
-DETECTOR_THRESHOLD = 0.5
+DETECTOR_THRESHOLD = 0.55
 CLASSIFIER_THRESHOLD = 0.5
 
 CONFIG = """name: "{name}"

@@ -99,7 +99,7 @@ def _fit(net: torch.nn.Module, a: argparse.Namespace, log: list[str], step: obje
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
-        running = 0.95 * running + 0.05 * float(loss) if i else float(loss)
+        running = 0.95 * running + 0.05 * loss.item() if i else loss.item()
         elapsed = time.perf_counter() - t0
         if i % 50 == 0 or i == total - 1:
             log.append(f"step {i} loss {running:.4f} lr {lr:.2e} {elapsed:.0f}s")

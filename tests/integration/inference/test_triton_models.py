@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from lucerna.core.model_manifest import Manifest, TensorSpec, load_repository
-from lucerna.inference.triton import ModelMismatchError, TritonClient, TritonUnavailable
+from lucerna.inference.triton import InferenceError, ModelMismatchError, TritonClient, TritonUnavailable
 from tests.conftest import LocalTriton
 
 REPOSITORY = Path(__file__).resolve().parents[3] / "infra" / "triton" / "models"
@@ -106,3 +107,32 @@ async def test_100_slices_through_the_detector(client: TritonClient) -> None:
     print(
         f"\n100 slices 3x512x512 through lung-nodule-detector: {seconds:.2f} s ({100 / seconds:.1f} slices/s)"
     )
+
+
+async def test_inputs_in_shared_memory_give_the_same_outputs_and_survive_a_triton_restart(
+    triton: LocalTriton, client: TritonClient
+) -> None:
+    manifest = manifests()["lung-nodule-detector-int8"]
+    inputs = Random(20, manifest.inputs[0].shape)  # a batch of 16 and one of 4: two region sizes
+    shared = TritonClient(triton.grpc_url, concurrency=2, shared_memory_token=triton.access_token)
+    try:
+        assert shared.uses_shared_memory
+        expected = await client.infer(manifest, inputs)
+        np.testing.assert_allclose(await shared.infer(manifest, inputs), expected, rtol=1e-5, atol=1e-5)
+        # A restarted Triton has forgotten the regions: they are registered again, nothing fails.
+        await asyncio.to_thread(triton.stop)
+        await asyncio.to_thread(triton.start)
+        np.testing.assert_allclose(await shared.infer(manifest, inputs), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        await shared.close()
+
+
+async def test_shared_memory_needs_the_servers_token(triton: LocalTriton) -> None:
+    manifest = manifests()["lung-nodule-detector-int8"]
+    wrong = TritonClient(triton.grpc_url, shared_memory_token="not-the-token")
+    try:
+        # Refused, and not taken for Triton being away (the worker would wait for ever).
+        with pytest.raises(InferenceError, match="restricted"):
+            await wrong.infer(manifest, Random(1, manifest.inputs[0].shape))
+    finally:
+        await wrong.close()

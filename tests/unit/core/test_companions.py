@@ -56,7 +56,7 @@ def test_a_companion_runs_while_the_runner_does_and_stops_with_it(tmp_path: Path
     pid_file = tmp_path / "companion.pid"
     service = _WithCompanion(pid_file)
     assert isinstance(service, HasCompanion)
-    with _companions(CoreSettings(), [service, _Plain(tmp_path / "never")]):
+    with _companions(CoreSettings(data_dir=tmp_path), [service, _Plain(tmp_path / "never")]):
         deadline = time.monotonic() + 10
         while not pid_file.exists() or not pid_file.read_text():
             assert time.monotonic() < deadline, "the companion did not start"
@@ -65,3 +65,4 @@ def test_a_companion_runs_while_the_runner_does_and_stops_with_it(tmp_path: Path
         assert _alive(pid)
     assert not _alive(pid)
     assert not (tmp_path / "never").exists()
+    assert (tmp_path / "with-companion-companion.log").exists()  # its output, apart from the runner's

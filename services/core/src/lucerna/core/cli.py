@@ -100,9 +100,20 @@ def _companions(settings: CoreSettings, services: list[Service]) -> Iterator[Non
         for service in services:
             command = service.companion_command(settings) if isinstance(service, HasCompanion) else None
             if command:
-                print(f"lucerna: starting {service.name}'s companion: {' '.join(command)}", file=sys.stderr)
-                # Its own session: a Ctrl-C in the terminal reaches the runner, which stops it in order.
-                processes.append(subprocess.Popen(command, start_new_session=True))  # noqa: S603
+                settings.data_dir.mkdir(parents=True, exist_ok=True)
+                log_path = settings.data_dir / f"{service.name}-companion.log"
+                print(
+                    f"lucerna: starting {service.name}'s companion (log: {log_path}): {' '.join(command)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                with log_path.open("ab") as log:
+                    # Its own session: a Ctrl-C in the terminal reaches the runner, which stops it in order.
+                    processes.append(
+                        subprocess.Popen(  # noqa: S603
+                            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                        )
+                    )
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,7 +83,9 @@ class InferenceService:
         (None when Triton runs elsewhere, ``LUCERNA_INFERENCE_TRITON_LOCAL=false``)."""
         if not self.settings.triton_local:
             return None
+        # Inherited by the companion and by the worker processes forked after it.
         os.environ[COMPANION_MARK] = "1"
+        os.environ.setdefault(local_triton.ACCESS_TOKEN_VARIABLE, secrets.token_urlsafe(24))
         return self._local_command(self.settings.models)
 
     def _local_command(self, models: Sequence[str]) -> list[str]:
@@ -108,7 +111,12 @@ class InferenceService:
             server = await client.server_ready() if client else False
             return JSONResponse(
                 {
-                    "triton": {"url": self.triton_url, "ready": server, "local": self.settings.triton_local},
+                    "triton": {
+                        "url": self.triton_url,
+                        "ready": server,
+                        "local": self.settings.triton_local,
+                        "shared_memory": bool(client and client.uses_shared_memory),
+                    },
                     "models": [
                         {**_describe(manifest), "ready": bool(is_ready)}
                         for manifest, is_ready in zip(
@@ -148,18 +156,22 @@ class InferenceService:
                 f" ({sorted(manifests)})"
             )
         self._manifests = {name: manifests[name] for name in settings.models or sorted(manifests)}
-        self._client = TritonClient(
-            self.triton_url,
-            concurrency=settings.triton_concurrency,
-            batch_size=settings.batch_size,
-            request_timeout=settings.triton_request_timeout_seconds,
-        )
+        self._client = self._triton_client(None)
         try:
+            # The local Triton's token of the restricted shared-memory protocol, when this process
+            # knows it (it started that Triton, or the runner did): inputs then skip the gRPC copy.
+            token = os.environ.get(local_triton.ACCESS_TOKEN_VARIABLE) if settings.triton_local else None
             if settings.triton_local and os.environ.get(COMPANION_MARK) != "1":
                 if await self._serves_models():
                     log.info("using the Triton already serving the models", extra={"url": self.triton_url})
+                    token = None
                 else:
-                    await self._spawn_local_triton(resources.settings.data_dir)
+                    token = secrets.token_urlsafe(24)
+                    await self._spawn_local_triton(resources.settings.data_dir, token)
+            if token and settings.triton_shared_memory:
+                await self._client.close()
+                self._client = self._triton_client(token)
+                log.info("inputs go to the local Triton in shared memory", extra={"url": self.triton_url})
             ready = await self._wait_for_triton(settings.triton_start_timeout_seconds)
             if ready:
                 await self._check_models()
@@ -217,11 +229,23 @@ class InferenceService:
         ready = await asyncio.gather(*(self._client.ready(m) for m in self._manifests.values()))
         return all(ready)
 
-    async def _spawn_local_triton(self, data_dir: Path) -> None:
+    def _triton_client(self, shared_memory_token: str | None) -> TritonClient:
+        settings = self.settings
+        return TritonClient(
+            self.triton_url,
+            concurrency=settings.triton_concurrency,
+            batch_size=settings.batch_size,
+            request_timeout=settings.triton_request_timeout_seconds,
+            shared_memory_token=shared_memory_token,
+            shared_memory_regions=settings.triton_concurrency * settings.processing_slots,
+        )
+
+    async def _spawn_local_triton(self, data_dir: Path, token: str) -> None:
         await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
         log_path = data_dir / "local-triton.log"
         line = self._local_command(list(self._manifests))
         environment = local_triton.library_path_environment() or dict(os.environ)
+        environment[local_triton.ACCESS_TOKEN_VARIABLE] = token
         output = await asyncio.to_thread(log_path.open, "ab")
         with output:
             self._child = await asyncio.create_subprocess_exec(

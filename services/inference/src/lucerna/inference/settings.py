@@ -31,6 +31,8 @@ class InferenceSettings(BaseSettings):
     # One Triton request's deadline; past it the request counts as Triton being unavailable.
     triton_request_timeout_seconds: float = Field(default=60.0, gt=0)
 
+    # With the local Triton (same host): inputs in system shared memory instead of the gRPC message.
+    triton_shared_memory: bool = True
     # Slices per Triton request, at most the model's max_batch_size (0: the model's).
     batch_size: int = Field(default=0, ge=0)
     # Triton requests in flight per job; Triton's dynamic batcher merges them.

@@ -6,6 +6,14 @@ mismatch with a precise error: a worker that fed a model the wrong tensors would
 findings, not errors. ``infer`` sends a series in requests of at most the batch size, several in
 flight at once (Triton's dynamic batcher merges them), as compact UINT8 tensors.
 
+Where the worker and Triton share a host (the local Triton), inputs can travel in system shared
+memory instead of the gRPC message (``shared_memory_token``: the token of Triton's restricted
+shared-memory protocol): a pool of regions, one per request in flight, registered once and written
+in place. On this machine (2 cores shared by client, server and model) that brings Triton's cost
+over onnxruntime called directly from about 42 % to 13-24 % for 100 slices of 3x512x512
+(``tests/bench/inference.py``). Triton forgets registrations when it restarts;
+a request that finds its region unknown registers it again and is sent once more.
+
 Triton being unreachable, shutting down, or not (yet) serving the model raises ``TritonUnavailable``:
 transient, the worker waits for Triton rather than retrying the message.
 """
@@ -13,8 +21,12 @@ transient, the worker waits for Triton rather than retrying the message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +34,7 @@ import numpy.typing as npt
 from tritonclient.grpc import InferInput, InferRequestedOutput  # type: ignore[import-untyped]
 from tritonclient.grpc.aio import InferenceServerClient  # type: ignore[import-untyped]
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
+from tritonclient.utils import shared_memory as system_shm
 
 from lucerna.core.model_manifest import Manifest, TensorSpec
 from lucerna.inference import metrics
@@ -69,6 +82,8 @@ class InferenceBackend(Protocol):
 
 def _unavailable(error: InferenceServerException) -> bool:
     message = (error.message() or "").lower()
+    if "restricted" in message:  # a refused access token comes as UNAVAILABLE: a misconfiguration
+        return False
     return error.status() in _AWAY or any(text in message for text in _NOT_SERVING)
 
 
@@ -97,8 +112,75 @@ def _tensor_problems(
     return problems
 
 
+ACCESS_HEADER = "triton-grpc-protocol-triton-access-token"  # Triton's restricted-protocol header
+_REGION_UNKNOWN = "shared memory region"
+
+
+@dataclass
+class _Region:
+    name: str
+    handle: Any = None
+    size: int = 0
+    registered: bool = False
+
+
+class SharedMemoryInputs:
+    """System shared-memory regions for request inputs, one per request in flight, created on first
+    use (large enough for the biggest batch seen) and registered with Triton."""
+
+    def __init__(self, client: InferenceServerClient, token: str, regions: int) -> None:
+        self._client = client
+        self._headers = {ACCESS_HEADER: token}
+        prefix = f"lucerna-{os.getpid()}-{secrets.token_hex(4)}"
+        self._all = [_Region(f"{prefix}-{index}") for index in range(regions)]
+        self._free: asyncio.LifoQueue[_Region] = asyncio.LifoQueue()
+        for region in self._all:
+            self._free.put_nowait(region)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, data: Array) -> AsyncIterator[_Region]:
+        """A registered region holding ``data``, for the time of one request."""
+        region = await self._free.get()
+        try:
+            if region.size < data.nbytes:
+                await self._release(region)
+                region.handle = system_shm.create_shared_memory_region(
+                    region.name, f"/{region.name}", data.nbytes
+                )
+                region.size = data.nbytes
+            if not region.registered:
+                await self._client.register_system_shared_memory(
+                    region.name, f"/{region.name}", region.size, headers=self._headers
+                )
+                region.registered = True
+            system_shm.set_shared_memory_region(region.handle, [np.ascontiguousarray(data)])
+            yield region
+        finally:
+            self._free.put_nowait(region)
+
+    def forget_registrations(self) -> None:
+        """Triton restarted (it lost every registration): register again on next use."""
+        for region in self._all:
+            region.registered = False
+
+    async def close(self) -> None:
+        """Unregister and remove every region."""
+        for region in self._all:
+            await self._release(region)
+
+    async def _release(self, region: _Region) -> None:
+        if region.registered:
+            with contextlib.suppress(InferenceServerException):
+                await self._client.unregister_system_shared_memory(region.name, headers=self._headers)
+            region.registered = False
+        if region.handle is not None:
+            system_shm.destroy_shared_memory_region(region.handle)
+            region.handle, region.size = None, 0
+
+
 class TritonClient:
-    """``InferenceBackend`` over Triton's gRPC API, one connection reused by every call."""
+    """``InferenceBackend`` over Triton's gRPC API, one connection reused by every call; inputs in
+    system shared memory when ``shared_memory_token`` is given (Triton on the same host)."""
 
     def __init__(
         self,
@@ -107,15 +189,30 @@ class TritonClient:
         concurrency: int = 4,
         batch_size: int = 0,
         request_timeout: float = 60.0,
+        shared_memory_token: str | None = None,
+        shared_memory_regions: int = 8,
     ) -> None:
         self.url = url
         self._client = InferenceServerClient(url)
         self._concurrency = concurrency
         self._batch_size = batch_size
         self._request_timeout = request_timeout
+        self._shared = (
+            SharedMemoryInputs(self._client, shared_memory_token, max(shared_memory_regions, concurrency))
+            if shared_memory_token
+            else None
+        )
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether inputs travel in system shared memory."""
+        return self._shared is not None
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Release the shared-memory regions, close the connection."""
+        if self._shared is not None:
+            with contextlib.suppress(InferenceServerException):
+                await self._shared.close()
         await self._client.close()
 
     async def server_ready(self) -> bool:
@@ -183,18 +280,16 @@ class TritonClient:
         return np.concatenate(parts)
 
     async def _request(self, manifest: Manifest, batch: Array) -> Array:
-        spec, output = manifest.inputs[0], manifest.outputs[0]
-        tensor = InferInput(spec.name, list(batch.shape), spec.datatype)
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=_DATATYPES[spec.datatype]))
+        spec = manifest.inputs[0]
+        batch = np.ascontiguousarray(batch, dtype=_DATATYPES[spec.datatype])
         started = time.perf_counter()
         try:
-            result = await self._client.infer(
-                manifest.name,
-                [tensor],
-                model_version=manifest.version,
-                outputs=[InferRequestedOutput(output.name)],
-                client_timeout=self._request_timeout,
-            )
+            if self._shared is None:
+                tensor = InferInput(spec.name, list(batch.shape), spec.datatype)
+                tensor.set_data_from_numpy(batch)
+                result = await self._infer(manifest, tensor)
+            else:
+                result = await self._infer_shared(manifest, batch)
         except InferenceServerException as error:
             metrics.TRITON_ERRORS.labels(manifest.name, error.status() or "unknown").inc()
             if _unavailable(error):
@@ -205,6 +300,7 @@ class TritonClient:
                 f"Triton refused a request for {manifest.name}: {error.message()}"
             ) from error
         metrics.TRITON_LATENCY.labels(manifest.name).observe(time.perf_counter() - started)
+        output = manifest.outputs[0]
         values = result.as_numpy(output.name)
         if values is None or values.shape != (batch.shape[0], *output.shape):
             raise InferenceError(
@@ -212,3 +308,27 @@ class TritonClient:
                 f"{None if values is None else list(values.shape)} for a batch of {batch.shape[0]}"
             )
         return np.asarray(values)
+
+    async def _infer(self, manifest: Manifest, tensor: InferInput) -> Any:
+        return await self._client.infer(
+            manifest.name,
+            [tensor],
+            model_version=manifest.version,
+            outputs=[InferRequestedOutput(manifest.outputs[0].name)],
+            client_timeout=self._request_timeout,
+        )
+
+    async def _infer_shared(self, manifest: Manifest, batch: Array) -> Any:
+        assert self._shared is not None
+        spec = manifest.inputs[0]
+        for attempt in (1, 2):
+            async with self._shared.holding(batch) as region:
+                tensor = InferInput(spec.name, list(batch.shape), spec.datatype)
+                tensor.set_shared_memory(region.name, batch.nbytes)
+                try:
+                    return await self._infer(manifest, tensor)
+                except InferenceServerException as error:
+                    if attempt == 2 or _REGION_UNKNOWN not in (error.message() or "").lower():
+                        raise
+                    self._shared.forget_registrations()  # Triton restarted since they were made
+        raise AssertionError("unreachable")
