@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lucerna.core.logging import correlation_id
 from lucerna.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
-from lucerna.core.service import Resources, Service
+from lucerna.core.service import HasReadiness, Resources, Service
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,14 @@ def create_app(resources: Resources, services: Sequence[Service]) -> Starlette:
         }
         results = await asyncio.gather(*checks.values(), return_exceptions=True)
         status = {name: result is True for name, result in zip(checks, results, strict=True)}
+        for service in services:
+            if isinstance(service, HasReadiness):
+                try:
+                    own = await service.readiness()
+                except Exception:  # a failing check is a not-ready service, not a 500
+                    log.exception("readiness check of %s failed", service.name)
+                    own = {"readiness": False}
+                status |= {f"{service.name}.{name}": ok is True for name, ok in own.items()}
         return JSONResponse(
             {"ready": all(status.values()), "checks": status}, 200 if all(status.values()) else 503
         )

@@ -48,6 +48,15 @@ class Service(Protocol):
 
 
 @runtime_checkable
+class HasReadiness(Protocol):
+    """A service whose own dependencies decide whether it can serve (shown by ``/readyz``)."""
+
+    async def readiness(self) -> dict[str, bool]:
+        """Named checks, True when passing (e.g. ``{"triton": False}`` while Triton is down)."""
+        ...
+
+
+@runtime_checkable
 class HasCompanion(Protocol):
     """A service that needs a process of its own beside it on the host (e.g. a local Triton).
 

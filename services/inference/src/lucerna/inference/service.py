@@ -99,6 +99,14 @@ class InferenceService:
             onnx_threads=settings.local_onnx_threads,
         )
 
+    async def readiness(self) -> dict[str, bool]:
+        """Started, Triton answering with the models, the result store reachable."""
+        worker, results = self._worker, self._results
+        return {
+            "triton": worker is not None and worker.triton_ready,
+            "results": results is not None and await results.ping(),
+        }
+
     def routes(self, resources: Resources) -> Sequence[BaseRoute]:
         """``GET /api/models`` and ``GET /api/results/{job_id}``."""
 

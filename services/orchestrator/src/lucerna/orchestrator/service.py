@@ -53,6 +53,11 @@ class OrchestratorService:
         """The running workflow, if started."""
         return self._workflow
 
+    async def readiness(self) -> dict[str, bool]:
+        """Started and the job store reachable."""
+        workflow = self._workflow
+        return {"jobs": workflow is not None and await workflow.store.ping()}
+
     def routes(self, resources: Resources) -> Sequence[BaseRoute]:
         """The job API."""
         return job_routes(resources, lambda: self._workflow)
