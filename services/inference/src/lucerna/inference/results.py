@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from pymongo import ASCENDING, AsyncMongoClient
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
+from lucerna.core.storage.mongo import answers
 from lucerna.events.v1 import events_pb2
 
 T = TypeVar("T")
@@ -217,12 +218,8 @@ class MongoResultStore:
             await self._client.close()
 
     async def ping(self) -> bool:
-        """True when the server answers."""
-        try:
-            await self._client.admin.command("ping")
-        except PyMongoError:
-            return False
-        return True
+        """True when the server answers within three seconds."""
+        return await answers(self._client)
 
     async def get(self, job_id: str) -> StoredResult | None:
         """The job's result, if stored."""

@@ -17,7 +17,6 @@ MongoDB 7 the claim is merely redundant.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -27,8 +26,9 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
+from lucerna.core.storage.mongo import answers
 from lucerna.orchestrator.jobs import Job, JobState
 from lucerna.orchestrator.records import (
     dead_letter_from_record,
@@ -88,14 +88,7 @@ class MongoJobStore:
 
     async def ping(self) -> bool:
         """True when the server answers within three seconds."""
-        if self._client is None:
-            return False
-        try:
-            async with asyncio.timeout(3):
-                await self._client.admin.command("ping")
-        except (PyMongoError, TimeoutError):
-            return False
-        return True
+        return await answers(self._client)
 
     async def put_instance_set(self, sha256: str, instances: Sequence[InstanceRef]) -> None:
         """Insert the set once (a taken ``_id`` is the same set)."""

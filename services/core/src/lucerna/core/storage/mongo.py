@@ -87,6 +87,18 @@ _READY_FIELDS = ["NumberOfStudyRelatedInstances", "PatientID", "ModalitiesInStud
 _ORPHAN_AUDIT_POINTER = timedelta(minutes=10)
 
 
+async def answers(client: AsyncMongoClient[Any] | None, within: float = 3.0) -> bool:
+    """True when the server behind ``client`` answers a ping within ``within`` seconds."""
+    if client is None:
+        return False
+    try:
+        async with asyncio.timeout(within):
+            await client.admin.command("ping")
+    except (PyMongoError, TimeoutError):
+        return False
+    return True
+
+
 def _field(level: Level, attribute: str) -> str:
     """The document field holding an attribute at a level (a row's own UID is its ``_id``)."""
     return "_id" if attribute == UID_OF[level] else attribute
@@ -217,14 +229,7 @@ class MongoMetadataStore:
 
     async def ping(self) -> bool:
         """True when the server answers within three seconds."""
-        if self._client is None:
-            return False
-        try:
-            async with asyncio.timeout(3):
-                await self._client.admin.command("ping")
-        except (PyMongoError, TimeoutError):
-            return False
-        return True
+        return await answers(self._client)
 
     async def put_instances(self, records: Sequence[InstanceRecord]) -> list[PutOutcome]:
         """Point the audit outbox at the instances, insert them in one round trip, then update each
