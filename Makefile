@@ -12,7 +12,7 @@ PROTOS = $(shell find protos -name '*.proto')
 PROTO_OUT = services/core/src
 # Folders git does not keep while empty are left out rather than failing pytest.
 TEST_PATHS = $(wildcard tests/unit tests/integration tests/e2e)
-MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src services/orchestrator/src services/inference/src
+MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src services/orchestrator/src services/inference/src services/fhir/src
 # Training runs in a virtual environment of its own (PyTorch stays out of the services and of make test).
 TRAIN_VENV ?= $(HOME)/.cache/lucerna/train-venv
 TRAIN_PY = $(TRAIN_VENV)/bin/python
