@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,6 +46,21 @@ def real_server_settings(
         "LUCERNA_BUS_BACKEND": "rabbitmq",
         "LUCERNA_RABBITMQ_URL": rabbitmq_url,
     }
+
+
+STOP_TIMEOUT_SECONDS = 45.0  # beyond the supervisor's 30 s grace for its workers
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first), read from /proc."""
+    found: list[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in map(int, children):
+        found += [child, *_descendants(child)]
+    return found
 
 
 def _session_of(pid: int) -> int | None:
@@ -127,15 +143,20 @@ class LucernaProcess:
             self.process.wait()
 
     def stop(self) -> None:
-        """Stop gracefully (SIGTERM), then kill if it hangs."""
+        """Stop gracefully (SIGTERM), then kill it and whatever it started (workers, companions) if
+        it hangs longer than its own grace period: nothing of it may live on into the next test."""
         if self.process is None or self.process.poll() is not None:
             return
+        descendants = _descendants(self.process.pid)
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(15)
+            self.process.wait(STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     @property
     def returncode(self) -> int | None:

@@ -24,6 +24,8 @@ from lucerna.core.service import HasReadiness, Resources, Service
 
 log = logging.getLogger(__name__)
 
+SERVICE_STOP_SECONDS = 20.0  # one service's stop; the workers' supervisor allows 30 s in all
+
 
 class RequestContext:
     """ASGI middleware: request id (X-Request-ID in and out), access metrics by route template."""
@@ -119,7 +121,10 @@ def create_app(resources: Resources, services: Sequence[Service]) -> Starlette:
             yield
         finally:
             for service in reversed(services):
-                await service.stop()
+                try:
+                    await asyncio.wait_for(service.stop(), SERVICE_STOP_SECONDS)
+                except Exception:  # a service that cannot stop must not keep the others running
+                    log.exception("%s did not stop cleanly within %.0f s", service.name, SERVICE_STOP_SECONDS)
             await resources.bus.close()
             await resources.search.close()
             await resources.metadata.close()

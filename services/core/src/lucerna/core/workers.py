@@ -140,8 +140,13 @@ def _worker_main(run: Callable[[int], None], index: int, supervisor: int) -> Non
 
 
 def _stop_when_orphaned(supervisor: int) -> None:
-    """Stop this worker gracefully if the supervisor is gone (killed without forwarding a signal)."""
+    """Stop this worker gracefully if the supervisor is gone (killed without forwarding a signal),
+    and for good if that has not ended it within the grace period: with nobody left to kill it, a
+    worker stuck in its shutdown would otherwise go on consuming work it can no longer finish."""
     while os.getppid() == supervisor:
         time.sleep(ORPHAN_CHECK_SECONDS)
     log.warning("the supervisor (pid %d) is gone; stopping", supervisor)
     os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_GRACE_SECONDS)
+    log.error("still running %.0f s after its supervisor died; exiting now", STOP_GRACE_SECONDS)
+    os._exit(1)

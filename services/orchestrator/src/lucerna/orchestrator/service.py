@@ -30,6 +30,9 @@ STUDY_READY_QUEUE = "orchestrator.study-ready"
 JOB_EVENTS_QUEUE = "orchestrator.job-events"
 
 
+SWEEPER_STOP_SECONDS = 5.0
+
+
 class OrchestratorService:
     """``study.ready`` in, ``inference.requested`` out, job events and dead letters applied."""
 
@@ -40,6 +43,7 @@ class OrchestratorService:
         self._store: JobStore | None = None
         self._workflow: Workflow | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     @property
     def settings(self) -> OrchestratorSettings:
@@ -99,8 +103,9 @@ class OrchestratorService:
         for queue in INFERENCE_QUEUES:
             await bus.consume_dead_letters(queue, dead_letter, prefetch=settings.prefetch)
         self._workflow = workflow
+        self._stopping = asyncio.Event()
         self._sweeper = asyncio.create_task(
-            _sweep(workflow, settings.sweep_interval_seconds), name="orchestrator-sweeper"
+            _sweep(workflow, settings.sweep_interval_seconds, self._stopping), name="orchestrator-sweeper"
         )
         log.info(
             "orchestrator started",
@@ -110,9 +115,10 @@ class OrchestratorService:
     async def stop(self) -> None:
         """Stop sweeping and close the job store (the bus, closed after, returns what is in flight)."""
         if self._sweeper is not None:
+            # The flag ends the loop even if a database call swallowed the cancellation.
+            self._stopping.set()
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await asyncio.wait([self._sweeper], timeout=SWEEPER_STOP_SECONDS)
             self._sweeper = None
         self._workflow = None
         if self._store is not None:
@@ -140,14 +146,15 @@ def build_store(settings: CoreSettings) -> JobStore:
     return SqliteJobStore(settings.data_dir / "orchestrator.sqlite")
 
 
-async def _sweep(workflow: Workflow, interval: float) -> None:
-    """Sweep every ``interval`` seconds until cancelled."""
-    while True:
+async def _sweep(workflow: Workflow, interval: float, stopping: asyncio.Event) -> None:
+    """Sweep every ``interval`` seconds until ``stopping`` is set (or the task is cancelled)."""
+    while not stopping.is_set():
         try:
             await workflow.sweep()
         except Exception:
             log.exception("orchestrator sweep failed; retrying")
-        await asyncio.sleep(interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), interval)
 
 
 SERVICE = OrchestratorService()
