@@ -14,10 +14,11 @@ def _start(kind: str, request: pytest.FixtureRequest, tmp: pytest.TempPathFactor
     name = request.module.__name__.rsplit(".", 1)[-1]
     settings = {"LUCERNA_INGESTION_QUIET_PERIOD_SECONDS": "0.5"}
     if kind == "servers":
+        # A virtual host per module: no module's platform sees events another module left queued.
         settings |= real_server_settings(
             request.getfixturevalue("mongodb_url"),
             request.getfixturevalue("elasticsearch_url"),
-            request.getfixturevalue("rabbitmq_url"),
+            request.getfixturevalue("rabbitmq").vhost_url(f"e2e_{name}"),
             f"e2e_{name}",
         )
     # A module may run a subset of the services (``PLATFORM_SERVICES``), e.g. to read a queue itself.

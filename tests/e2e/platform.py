@@ -110,6 +110,11 @@ class LucernaProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def rabbitmq_url(self) -> str | None:
+        """The broker (and virtual host) it uses, in the real-server configuration."""
+        return self.env.get("LUCERNA_RABBITMQ_URL")
+
+    @property
     def dicomweb(self) -> str:
         """The DICOMweb root."""
         return f"{self.base_url}/dicom-web"

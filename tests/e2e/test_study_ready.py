@@ -63,9 +63,9 @@ def write_slices(folder: Path, study_uid: str, series_uid: str, numbers: range) 
         ct_slice(study_uid, series_uid, number).save_as(folder / f"{number}.dcm", enforce_file_format=True)
 
 
-async def test_one_study_ready_per_burst(
-    servers_platform: LucernaProcess, rabbitmq_url: str, tmp_path: Path
-) -> None:
+async def test_one_study_ready_per_burst(servers_platform: LucernaProcess, tmp_path: Path) -> None:
+    rabbitmq_url = servers_platform.rabbitmq_url
+    assert rabbitmq_url is not None
     study_uid, series_uid = generate_uid(), generate_uid()
     write_slices(tmp_path / "first", study_uid, series_uid, range(1, 4))
     write_slices(tmp_path / "second", study_uid, series_uid, range(4, 6))
