@@ -6,29 +6,26 @@ results. ``completed_published`` is False until the bus confirmed the ``Inferenc
 results left unpublished (the bus was down, the process died in between) are found by
 ``unpublished`` and published again with the same message id.
 
-Adapters: SQLite (``<data_dir>/inference.sqlite``; one thread holding one connection) and MongoDB
+Adapters: SQLite (``<data_dir>/inference.sqlite``, on the platform's ``SqliteDatabase``) and MongoDB
 (collection ``inference_results``, ``_id`` = job id; insert and treat a duplicate key as "exists",
 which FerretDB v1 also serves: no transactions are needed).
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
 from lucerna.core.storage.mongo import answers
+from lucerna.core.storage.sqlite import SqliteDatabase
 from lucerna.events.v1 import events_pb2
 
-T = TypeVar("T")
 COLLECTION = "inference_results"
 
 
@@ -95,43 +92,27 @@ _SELECT = "SELECT job_id, result, completed_published, stored_at FROM inference_
 
 
 class SqliteResultStore:
-    """Results in one SQLite file, on one thread with its own connection (writes are single statements)."""
+    """Results in one SQLite file, on the platform's ``SqliteDatabase`` (WAL, shared by worker processes)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._connection: sqlite3.Connection | None = None
+        self._db = SqliteDatabase(path, _SCHEMA)
 
     async def start(self) -> None:
         """Open the file and create the table if absent."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lucerna-inference-results")
-        await self._run(lambda c: c.executescript(_SCHEMA))
+        await self._db.start()
 
     async def close(self) -> None:
-        """Stop the thread and close the connection."""
-        if self._executor is not None:
-            if self._connection is not None:
-                await self._run(lambda c: c.close())
-            await asyncio.to_thread(self._executor.shutdown)
-        self._executor = None
-        self._connection = None
+        """Stop the threads and close the connections."""
+        await self._db.close()
 
     async def ping(self) -> bool:
         """True when the file answers a query."""
-        try:
-            return await self._run(lambda c: c.execute("SELECT 1").fetchone() == (1,))
-        except (sqlite3.Error, RuntimeError):
-            return False
+        return await self._db.ping()
 
     async def get(self, job_id: str) -> StoredResult | None:
         """The job's result, if stored."""
-        row = await self._run(
-            lambda c: c.execute(
-                f"{_SELECT} WHERE job_id = ?",
-                (job_id,),
-            ).fetchone()
-        )
+        row = await self._db.read(lambda c: c.execute(f"{_SELECT} WHERE job_id = ?", (job_id,)).fetchone())
         return None if row is None else _from_row(row)
 
     async def insert(self, completed: events_pb2.InferenceCompleted) -> tuple[StoredResult, bool]:
@@ -156,12 +137,12 @@ class SqliteResultStore:
             ).fetchone()
             return row, cursor.rowcount == 1
 
-        row, created = await self._run(work)
+        row, created = await self._db.write(work)
         return _from_row(row), created
 
     async def mark_published(self, job_id: str) -> None:
         """Clear the job's outbox flag."""
-        await self._run(
+        await self._db.write(
             lambda c: c.execute(
                 "UPDATE inference_results SET completed_published = 1 WHERE job_id = ?", (job_id,)
             )
@@ -169,28 +150,13 @@ class SqliteResultStore:
 
     async def unpublished(self, limit: int = 100) -> list[StoredResult]:
         """Results not yet confirmed by the bus, oldest first."""
-        rows = await self._run(
+        rows = await self._db.read(
             lambda c: c.execute(
                 f"{_SELECT} WHERE completed_published = 0 ORDER BY stored_at LIMIT ?",
                 (limit,),
             ).fetchall()
         )
         return [_from_row(row) for row in rows]
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None:
-            raise RuntimeError(f"{self.path} is not started")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: work(self._open()))
-
-    def _open(self) -> sqlite3.Connection:
-        if self._connection is None:
-            # Autocommit: every write is one statement; WAL lets worker processes read beside a writer.
-            self._connection = sqlite3.connect(
-                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
-            )
-            self._connection.execute("PRAGMA journal_mode = WAL")
-            self._connection.execute("PRAGMA synchronous = NORMAL")
-        return self._connection
 
 
 def _from_row(row: tuple[Any, ...]) -> StoredResult:

@@ -1,24 +1,23 @@
 """The embedded job store on SQLite (stdlib ``sqlite3``): ``<data_dir>/orchestrator.sqlite``.
 
-One thread holds the connection and runs every statement: the orchestrator writes a few rows per
-job, far from what needs the metadata store's reader threads. Each write is one ``BEGIN IMMEDIATE``
-transaction, so worker processes sharing the file (docs/adr/0005) are serialised by SQLite's lock;
-a job's change is an ``UPDATE ... WHERE version = ?``, which only one writer can win. Jobs keep
+It sits on the platform's ``SqliteDatabase`` (a writer thread, reader threads, WAL, busy timeout).
+Each write is one ``BEGIN IMMEDIATE`` transaction, so worker processes sharing the file
+(docs/adr/0005) are serialised by SQLite's lock; a job's change is an ``UPDATE ... WHERE version =
+?``, which only one writer can win. Jobs keep
 their record as JSON text beside indexed copies of the columns queries filter and sort on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from lucerna.core.storage.sqlite import SqliteDatabase
 from lucerna.orchestrator.jobs import Job, JobState
 from lucerna.orchestrator.records import (
     dead_letter_from_record,
@@ -32,10 +31,6 @@ from lucerna.orchestrator.records import (
 )
 from lucerna.orchestrator.store import DeadLetterRecord
 from lucerna.orchestrator.studies import InstanceRef, StudySnapshot
-
-T = TypeVar("T")
-
-BUSY_TIMEOUT_SECONDS = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -82,52 +77,30 @@ class SqliteJobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._connection: sqlite3.Connection | None = None
+        self._db = SqliteDatabase(path, _SCHEMA)
 
     async def start(self) -> None:
         """Open the file (WAL mode) and create the tables."""
-        if self._executor is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lucerna-orchestrator-sqlite")
-        await self._run(self._open)
-
-    def _open(self, _: sqlite3.Connection | None) -> None:
-        connection = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-        )
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = NORMAL")
-        connection.executescript(_SCHEMA)
-        self._connection = connection
+        await self._db.start()
 
     async def close(self) -> None:
-        """Close the connection and stop the thread."""
-        if self._executor is None:
-            return
-        await self._run(_close)
-        executor, self._executor, self._connection = self._executor, None, None
-        await asyncio.to_thread(executor.shutdown)
+        """Close the connections and stop the threads."""
+        await self._db.close()
 
     async def ping(self) -> bool:
         """True when the file answers a query."""
-        try:
-            await self._read(lambda connection: connection.execute("SELECT 1").fetchone())
-        except (sqlite3.Error, RuntimeError):
-            return False
-        return True
+        return await self._db.ping()
 
     async def put_instance_set(self, sha256: str, instances: Sequence[InstanceRef]) -> None:
         """Keep the set once."""
         text = instances_json(instances)
-        await self._write(
+        await self._db.write(
             lambda c: c.execute("INSERT OR IGNORE INTO instance_sets VALUES (?, ?)", (sha256, text))
         )
 
     async def get_instance_set(self, sha256: str) -> tuple[InstanceRef, ...] | None:
         """The set, or None."""
-        row = await self._read(
+        row = await self._db.read(
             lambda c: c.execute("SELECT instances FROM instance_sets WHERE sha256 = ?", (sha256,)).fetchone()
         )
         return None if row is None else instances_from_json(row[0])
@@ -136,7 +109,7 @@ class SqliteJobStore:
         """Keep the instance set, then the snapshot unless a later burst's is kept."""
         await self.put_instance_set(study.instance_set_sha256, study.instances)
         record = json.dumps(study_record(study))
-        await self._write(
+        await self._db.write(
             lambda c: c.execute(
                 "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT (study_uid) DO UPDATE"
                 " SET burst = excluded.burst, record = excluded.record WHERE excluded.burst >= burst",
@@ -146,7 +119,7 @@ class SqliteJobStore:
 
     async def get_study(self, study_uid: str) -> StudySnapshot | None:
         """The snapshot with its instances, or None."""
-        row = await self._read(
+        row = await self._db.read(
             lambda c: c.execute("SELECT record FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
         )
         if row is None:
@@ -169,11 +142,11 @@ class SqliteJobStore:
             ).fetchone()
             return _job(row), False
 
-        return await self._write(work)
+        return await self._db.write(work)
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job, or None."""
-        row = await self._read(
+        row = await self._db.read(
             lambda c: c.execute("SELECT record, version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         )
         return None if row is None else _job(row)
@@ -195,7 +168,7 @@ class SqliteJobStore:
                 parameters.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT record, version FROM jobs {where} ORDER BY created_at DESC, job_id LIMIT ? OFFSET ?"  # noqa: S608 - fixed column names
-        rows = await self._read(lambda c: c.execute(sql, (*parameters, limit, offset)).fetchall())
+        rows = await self._db.read(lambda c: c.execute(sql, (*parameters, limit, offset)).fetchall())
         return [_job(row) for row in rows]
 
     async def update_job(self, job: Job) -> Job | None:
@@ -209,11 +182,11 @@ class SqliteJobStore:
                 (state, pending, after, deadline, record, job_id, job.version),
             ).rowcount
 
-        return _with_version(job, job.version + 1) if await self._write(work) == 1 else None
+        return _with_version(job, job.version + 1) if await self._db.write(work) == 1 else None
 
     async def due_publications(self, now: datetime, limit: int = 100) -> list[Job]:
         """The outbox's due jobs, oldest due first."""
-        rows = await self._read(
+        rows = await self._db.read(
             lambda c: c.execute(
                 "SELECT record, version FROM jobs WHERE publish_pending = 1 AND publish_after <= ?"
                 " ORDER BY publish_after, job_id LIMIT ?",
@@ -224,7 +197,7 @@ class SqliteJobStore:
 
     async def overdue_jobs(self, now: datetime, limit: int = 100) -> list[Job]:
         """Running jobs past their deadline."""
-        rows = await self._read(
+        rows = await self._db.read(
             lambda c: c.execute(
                 "SELECT record, version FROM jobs WHERE state = 'running' AND deadline <= ?"
                 " ORDER BY deadline, job_id LIMIT ?",
@@ -236,7 +209,7 @@ class SqliteJobStore:
     async def add_dead_letter(self, record: DeadLetterRecord) -> bool:
         """Insert unless recorded already."""
         text = json.dumps(dead_letter_record(record))
-        inserted = await self._write(
+        inserted = await self._db.write(
             lambda c: (
                 c.execute(
                     "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?)",
@@ -248,45 +221,13 @@ class SqliteJobStore:
 
     async def list_dead_letters(self, limit: int = 100, offset: int = 0) -> list[DeadLetterRecord]:
         """Newest first."""
-        rows = await self._read(
+        rows = await self._db.read(
             lambda c: c.execute(
                 "SELECT record FROM dead_letters ORDER BY dead_at DESC, record_id LIMIT ? OFFSET ?",
                 (limit, offset),
             ).fetchall()
         )
         return [dead_letter_from_record(json.loads(row[0])) for row in rows]
-
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def transaction(connection: sqlite3.Connection | None) -> T:
-            assert connection is not None
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(connection)
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-            return result
-
-        return await self._run(transaction)
-
-    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def read(connection: sqlite3.Connection | None) -> T:
-            assert connection is not None
-            return work(connection)
-
-        return await self._run(read)
-
-    async def _run(self, work: Callable[[sqlite3.Connection | None], T]) -> T:
-        if self._executor is None:
-            raise RuntimeError(f"{self.path} is not started")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: work(self._connection))
-
-
-def _close(connection: sqlite3.Connection | None) -> None:
-    if connection is not None:
-        connection.close()
 
 
 def _job_row(job: Job) -> tuple[Any, ...]:

@@ -140,12 +140,15 @@ CREATE INDEX IF NOT EXISTS instances_by_series ON instances (SeriesInstanceUID, 
 """
 
 
-class _Database:
-    """One SQLite file: a writer thread and reader threads, each with its own connection."""
+class SqliteDatabase:
+    """One SQLite file: a writer thread and reader threads, each with its own connection, in WAL
+    mode with a busy timeout, so that worker processes (docs/adr/0005) can share the file. Every
+    embedded store of the platform sits on one of these."""
 
-    def __init__(self, path: Path, schema: str) -> None:
+    def __init__(self, path: Path, schema: str, *, readers: int = 2) -> None:
         self.path = path
         self._schema = schema
+        self._reader_threads = readers
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -153,10 +156,20 @@ class _Database:
         self._readers: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
+        """Open the file and create its schema (``CREATE ... IF NOT EXISTS``); again: nothing."""
+        if self._writer is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="lucerna-sqlite-writer")
-        self._readers = ThreadPoolExecutor(2, thread_name_prefix="lucerna-sqlite-reader")
+        self._readers = ThreadPoolExecutor(self._reader_threads, thread_name_prefix="lucerna-sqlite-reader")
         await self.script(self._schema)
+
+    async def ping(self) -> bool:
+        """True when the file answers a query."""
+        try:
+            return await self.read(lambda c: c.execute("SELECT 1").fetchone() == (1,))
+        except (sqlite3.Error, RuntimeError):
+            return False
 
     async def close(self) -> None:
         for executor in (self._writer, self._readers):
@@ -240,7 +253,7 @@ class SqliteMetadataStore:
     """The metadata store in one SQLite file (``make up``'s default)."""
 
     def __init__(self, path: Path) -> None:
-        self._db = _Database(path, _METADATA_SCHEMA)
+        self._db = SqliteDatabase(path, _METADATA_SCHEMA)
 
     async def start(self) -> None:
         """Open the file and create tables and indexes if absent."""
@@ -253,10 +266,7 @@ class SqliteMetadataStore:
 
     async def ping(self) -> bool:
         """True when the file answers a query."""
-        try:
-            return await self._db.read(lambda c: c.execute("SELECT 1").fetchone() == (1,))
-        except (sqlite3.Error, RuntimeError):
-            return False
+        return await self._db.ping()
 
     async def put_instances(self, records: Sequence[InstanceRecord]) -> list[PutOutcome]:
         """Upsert a batch in one transaction (see ``MetadataStore.put_instances``)."""
@@ -729,7 +739,7 @@ class SqliteSearchIndex:
     """
 
     def __init__(self, path: Path) -> None:
-        self._db = _Database(path, _SEARCH_SCHEMA)
+        self._db = SqliteDatabase(path, _SEARCH_SCHEMA)
 
     async def start(self) -> None:
         """Open the file and create the tables if absent."""
@@ -741,10 +751,7 @@ class SqliteSearchIndex:
 
     async def ping(self) -> bool:
         """True when the file answers a query."""
-        try:
-            return await self._db.read(lambda c: c.execute("SELECT 1").fetchone() == (1,))
-        except (sqlite3.Error, RuntimeError):
-            return False
+        return await self._db.ping()
 
     async def index_studies(self, studies: Sequence[DicomJson]) -> None:
         """Add or replace study documents, and drop those of tombstones, in one transaction."""
