@@ -19,11 +19,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from pymongo import AsyncMongoClient
 
 _TESTS_DIR = Path(__file__).resolve().parent
 # infra/local/servers.py is a stdlib-only script (it runs before `uv sync`), not a package.
@@ -123,6 +125,16 @@ def ferretdb(servers_dir: Path) -> Iterator[servers.FerretDB]:
 def mongodb_url(ferretdb: servers.FerretDB) -> str:
     """``mongodb://127.0.0.1:<port>/`` of the session's FerretDB."""
     return ferretdb.url
+
+
+@pytest.fixture
+async def mongodb_database(mongodb_url: str) -> AsyncIterator[str]:
+    """A fresh database name on the session's FerretDB, dropped after the test."""
+    name = f"lucerna_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url)
+    await client.drop_database(name)
+    await client.close()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,13 +11,8 @@ from tests.contract.result_store import *  # noqa: F403
 
 
 @pytest.fixture
-def database() -> str:
-    return f"results-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def result_store(mongodb_url: str, database: str) -> AsyncIterator[MongoResultStore]:
-    store = MongoResultStore(mongodb_url, database)
+async def result_store(mongodb_url: str, mongodb_database: str) -> AsyncIterator[MongoResultStore]:
+    store = MongoResultStore(mongodb_url, mongodb_database)
     await store.start()
     yield store
     await store.close()
@@ -26,9 +20,9 @@ async def result_store(mongodb_url: str, database: str) -> AsyncIterator[MongoRe
 
 @pytest.fixture
 async def other_result_store(
-    mongodb_url: str, database: str, result_store: MongoResultStore
+    mongodb_url: str, mongodb_database: str, result_store: MongoResultStore
 ) -> AsyncIterator[MongoResultStore]:
-    store = MongoResultStore(mongodb_url, database)
+    store = MongoResultStore(mongodb_url, mongodb_database)
     await store.start()
     yield store
     await store.close()

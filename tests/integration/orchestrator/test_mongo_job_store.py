@@ -1,6 +1,5 @@
 """The job store contract on the MongoDB adapter against FerretDB (two adapters: two processes)."""
 
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -14,19 +13,10 @@ from tests.contract.job_store import job
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def database(mongodb_url: str) -> AsyncIterator[str]:
-    """A fresh database name, dropped after the test."""
-    name = f"lucerna_jobs_{uuid.uuid4().hex[:12]}"
-    yield name
-    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url)
-    await client.drop_database(name)
-    await client.close()
-
 
 @pytest.fixture
-async def job_store(mongodb_url: str, database: str) -> AsyncIterator[MongoJobStore]:
-    store = MongoJobStore(mongodb_url, database)
+async def job_store(mongodb_url: str, mongodb_database: str) -> AsyncIterator[MongoJobStore]:
+    store = MongoJobStore(mongodb_url, mongodb_database)
     await store.start()
     yield store
     await store.close()
@@ -34,20 +24,20 @@ async def job_store(mongodb_url: str, database: str) -> AsyncIterator[MongoJobSt
 
 @pytest.fixture
 async def other_job_store(
-    mongodb_url: str, database: str, job_store: MongoJobStore
+    mongodb_url: str, mongodb_database: str, job_store: MongoJobStore
 ) -> AsyncIterator[MongoJobStore]:
-    store = MongoJobStore(mongodb_url, database)
+    store = MongoJobStore(mongodb_url, mongodb_database)
     await store.start()
     yield store
     await store.close()
 
 
 async def test_a_claim_left_by_a_dead_writer_expires(
-    mongodb_url: str, database: str, job_store: MongoJobStore
+    mongodb_url: str, mongodb_database: str, job_store: MongoJobStore
 ) -> None:
     made, _ = await job_store.create_job(job())
     client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url, tz_aware=True)
-    claims = client[database]["orchestrator_job_claims"]
+    claims = client[mongodb_database]["orchestrator_job_claims"]
     await claims.insert_one({"_id": f"{made.job_id}:1", "expires": datetime.now(UTC) + timedelta(seconds=30)})
     change = made.cancelled(datetime.now(UTC), "ops")
     assert await job_store.update_job(change) is None  # a live claim: another writer is changing it

@@ -18,7 +18,6 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
-from pymongo import AsyncMongoClient
 
 from lucerna.core.auth import Authenticator
 from lucerna.core.events import codec
@@ -59,15 +58,6 @@ async def purge_platform_queues(url: str) -> None:
                 await queue.purge()
 
 
-@pytest.fixture
-async def database(mongodb_url: str) -> AsyncIterator[str]:
-    name = f"lucerna_orch_{uuid.uuid4().hex[:12]}"
-    yield name
-    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url)
-    await client.drop_database(name)
-    await client.close()
-
-
 class Deployment:
     """The orchestrator deployed alone on the real servers, an HTTP client on its job API."""
 
@@ -89,7 +79,7 @@ class Deployment:
 
 
 @pytest.fixture
-def deploy(rabbitmq_url: str, mongodb_url: str, database: str, tmp_path: Path) -> Callable[..., Any]:
+def deploy(rabbitmq_url: str, mongodb_url: str, mongodb_database: str, tmp_path: Path) -> Callable[..., Any]:
     """``async with deploy(**orchestrator settings) as deployment``."""
 
     @asynccontextmanager
@@ -99,7 +89,7 @@ def deploy(rabbitmq_url: str, mongodb_url: str, database: str, tmp_path: Path) -
             data_dir=tmp_path,
             metadata_backend="mongodb",
             mongodb_url=mongodb_url,  # type: ignore[arg-type]
-            mongodb_database=database,
+            mongodb_database=mongodb_database,
             bus_backend="rabbitmq",
             rabbitmq_url=rabbitmq_url,  # type: ignore[arg-type]
         )
@@ -108,7 +98,7 @@ def deploy(rabbitmq_url: str, mongodb_url: str, database: str, tmp_path: Path) -
             auth=Authenticator(core),
             bus=RabbitMqBus(rabbitmq_url, retry_base_delay=0.05, retry_max_delay=0.1, shutdown_grace=2),
             blobs=FilesystemBlobStore(tmp_path / "blobs"),
-            metadata=MongoMetadataStore(mongodb_url, database),
+            metadata=MongoMetadataStore(mongodb_url, mongodb_database),
             search=SqliteSearchIndex(tmp_path / "search.sqlite"),
         )
         settings: OrchestratorSettings = orchestrator_settings(tmp_path, **changes)

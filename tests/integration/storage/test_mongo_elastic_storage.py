@@ -18,18 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def database(mongodb_url: str) -> AsyncIterator[str]:
-    """A fresh database name, dropped after the test."""
-    name = f"lucerna_test_{uuid.uuid4().hex[:12]}"
-    yield name
-    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url)
-    await client.drop_database(name)
-    await client.close()
-
-
-@pytest.fixture
-async def store(mongodb_url: str, database: str) -> AsyncIterator[MongoMetadataStore]:
-    adapter = MongoMetadataStore(mongodb_url, database)
+async def store(mongodb_url: str, mongodb_database: str) -> AsyncIterator[MongoMetadataStore]:
+    adapter = MongoMetadataStore(mongodb_url, mongodb_database)
     await adapter.start()
     yield adapter
     await adapter.close()
@@ -37,9 +27,9 @@ async def store(mongodb_url: str, database: str) -> AsyncIterator[MongoMetadataS
 
 @pytest.fixture
 async def other_store(
-    mongodb_url: str, database: str, store: MongoMetadataStore
+    mongodb_url: str, mongodb_database: str, store: MongoMetadataStore
 ) -> AsyncIterator[MongoMetadataStore]:
-    adapter = MongoMetadataStore(mongodb_url, database)
+    adapter = MongoMetadataStore(mongodb_url, mongodb_database)
     await adapter.start()
     yield adapter
     await adapter.close()
@@ -58,10 +48,10 @@ async def search(elasticsearch_url: str) -> AsyncIterator[ElasticSearchIndex]:
 
 
 async def test_audit_pointers_left_by_other_writes_are_told_apart(
-    mongodb_url: str, database: str, store: MongoMetadataStore
+    mongodb_url: str, mongodb_database: str, store: MongoMetadataStore
 ) -> None:
     client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url, tz_aware=True)
-    pointers = client[database]["audit_outbox"]
+    pointers = client[mongodb_database]["audit_outbox"]
     now = datetime.now(UTC)
     await pointers.insert_many([
         {"_id": "9.9.1", "created_at": now - timedelta(hours=1)},  # its write died long ago
