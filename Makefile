@@ -26,7 +26,7 @@ help: ## list the targets
 
 setup: servers-install deps protos ## install the test servers and Python deps, generate protobuf code
 
-servers-install: ## Debian packages, FerretDB, Elasticsearch (cached in ~/.cache/lucerna)
+servers-install: ## Debian packages, FerretDB, Elasticsearch, the FHIR peer (cached in ~/.cache/lucerna)
 	bash infra/local/install.sh
 
 deps: ## uv and the workspace's Python packages
@@ -46,9 +46,10 @@ test: setup lint ## the whole suite: unit, integration (real servers), e2e
 up: deps protos ## run the whole platform on this machine with embedded defaults
 	$(RUN) lucerna up
 
-bench: deps protos ## benchmarks against their anchor figures (ingestion, search, inference)
+bench: deps protos ## benchmarks against their anchor figures (ingestion, search, inference, FHIR)
 	$(RUN) python -m tests.bench.run
 	$(RUN) python -m tests.bench.inference
+	$(RUN) python -m tests.bench.fhir
 
 train: deps ## train, export (FP32 + INT8) and evaluate the shipped models on CPU (~25 min; see services/inference/training)
 	test -x $(TRAIN_PY) || $(UV) venv --python 3.11 $(TRAIN_VENV)

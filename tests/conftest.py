@@ -146,6 +146,16 @@ def orthanc(servers_dir: Path) -> Iterator[servers.Orthanc]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def fhir_peer(servers_dir: Path) -> Iterator[servers.FhirPeer]:
+    """A second, independent FHIR R4 server (HAPI FHIR, in memory), standing in for a hospital's:
+    ``.url`` (the base, ``.../fhir``), ``.fail(status, count)`` / ``.ok()`` to make it refuse requests,
+    ``.reset()`` to forget everything, ``.requests()`` for what it saw, ``.stop()`` / ``.start()``."""
+    server = _start(lambda offset: servers.FhirPeer(servers_dir, port_offset=offset))
+    yield server
+    server.stop()
+
+
 class LocalTriton:
     """The local Triton server (PyTriton: ``python -m lucerna.inference.local_triton``) over a model
     repository: ``.grpc_url`` (host:port), ``.http_url``, ``.stop()`` and ``.start()`` (down, then back)."""

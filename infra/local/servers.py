@@ -1,4 +1,5 @@
-"""Real servers for the integration tests and for local work: RabbitMQ, Elasticsearch, FerretDB, Orthanc.
+"""Real servers for the integration tests and for local work: RabbitMQ, Elasticsearch, FerretDB, Orthanc,
+and a FHIR peer (a hospital's own FHIR server, for publishing tests).
 
 Each class runs one server as a child process in its own session, keeps its data, logs and pid file
 under ``<base_dir>/<name>``, and listens on loopback ports away from the servers' defaults so that
@@ -6,13 +7,14 @@ a developer's own servers do not collide. ``start()`` returns once the server an
 The binaries come from ``infra/local/install.sh``. Standard library only, so it runs before
 ``uv sync``::
 
-    python infra/local/servers.py start|stop|status [rabbitmq elasticsearch ferretdb orthanc]
+    python infra/local/servers.py start|stop|status [rabbitmq elasticsearch ferretdb orthanc fhir-peer]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -557,7 +559,7 @@ class FerretDB(Server):
         """The binary install.sh built (keep in step with install.sh)."""
         if os.environ.get("LUCERNA_FERRETDB_BIN"):
             return Path(os.environ["LUCERNA_FERRETDB_BIN"])
-        return cache_dir() / f"ferretdb-{cls.version}" / "ferretdb"
+        return cache_dir() / f"ferretdb-{cls.version}-{VERSIONS['FERRETDB_PATCHES']}" / "ferretdb"
 
     def _prepare(self) -> None:
         if not self.binary().exists():
@@ -704,7 +706,139 @@ class Orthanc(Server):
             return True
 
 
-SERVERS: dict[str, type[Server]] = {cls.name: cls for cls in (RabbitMQ, Elasticsearch, FerretDB, Orthanc)}
+class FhirPeer(Server):
+    """The FHIR peer: an in-memory FHIR R4 server (HAPI FHIR's plain server, built from ``fhir-peer/``)
+    standing in for a hospital's own FHIR server. ``url`` is its base (``.../fhir``).
+
+    It keeps nothing across a stop. ``fail(status, count)`` makes it answer the next ``count`` (default:
+    every) FHIR request with that status until ``ok()``; ``reset()`` forgets all resources;
+    ``requests()`` lists the FHIR requests it saw.
+    """
+
+    name = "fhir-peer"
+    start_timeout = 60.0
+    version = VERSIONS["FHIR_PEER_VERSION"]
+    source_dir = HERE / "fhir-peer"
+
+    def __init__(self, base_dir: Path, *, port_offset: int = 0) -> None:
+        super().__init__(base_dir, port_offset=port_offset)
+        self.port = 8091 + port_offset
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/fhir"
+
+    @property
+    def admin_url(self) -> str:
+        """The test-only control endpoints (failures, delays, reset, the request record)."""
+        return f"http://{LOOPBACK}:{self.port}/admin"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    @classmethod
+    def jar(cls) -> Path:
+        """The jar install.sh built (keep in step with install.sh)."""
+        if os.environ.get("LUCERNA_FHIR_PEER_JAR"):
+            return Path(os.environ["LUCERNA_FHIR_PEER_JAR"])
+        return cache_dir() / f"fhir-peer-{cls.version}" / "fhir-peer.jar"
+
+    @classmethod
+    def source_hash(cls) -> str:
+        """The hash install.sh records beside the jar: sha256sum of each source file, hashed again."""
+        listing = "".join(
+            f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(cls.source_dir)}\n"
+            for path in sorted(
+                [
+                    cls.source_dir / "pom.xml",
+                    *(p for p in (cls.source_dir / "src").rglob("*") if p.is_file()),
+                ],
+                key=lambda path: str(path.relative_to(cls.source_dir)).encode(),
+            )
+        )
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    def fail(self, status: int = 503, count: int | None = None, retry_after: int | None = None) -> None:
+        """Answer the next ``count`` FHIR requests (all when None) with ``status`` and an OperationOutcome."""
+        query = f"status={status}"
+        if count is not None:
+            query += f"&count={count}"
+        if retry_after is not None:
+            query += f"&retry_after={retry_after}"
+        self._admin(f"fail?{query}")
+
+    def delay(self, seconds: float) -> None:
+        """Hold every FHIR request for ``seconds`` before serving it (0: no delay)."""
+        self._admin(f"delay?ms={round(seconds * 1000)}")
+
+    def ok(self) -> None:
+        """End injected failures and delays."""
+        self._admin("ok")
+
+    def reset(self) -> None:
+        """Forget every resource, failure, delay and recorded request."""
+        self._admin("reset")
+
+    def requests(self) -> list[dict[str, object]]:
+        """The FHIR requests seen since the start or the last reset, oldest first (last 1000)."""
+        status, body = _http_get(f"{self.admin_url}/requests", timeout=10)
+        if status != 200:
+            raise ServerError(f"{self.name}: GET /admin/requests answered {status}")
+        seen: list[dict[str, object]] = json.loads(body)
+        return seen
+
+    def _admin(self, action: str) -> None:
+        request = urllib.request.Request(f"{self.admin_url}/{action}", method="POST")  # noqa: S310 -- loopback URL built here
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 -- same
+                status = int(response.status)
+        except urllib.error.HTTPError as error:
+            raise ServerError(
+                f"{self.name}: POST /admin/{action} answered {error.code}: {error.read()!r}"
+            ) from None
+        if status != 204:
+            raise ServerError(f"{self.name}: POST /admin/{action} answered {status}")
+
+    def _prepare(self) -> None:
+        jar = self.jar()
+        if not jar.exists():
+            raise ServerError(f"the FHIR peer is missing at {jar}: run infra/local/install.sh fhir-peer")
+        stamp = jar.parent / "source.sha256"
+        if not os.environ.get("LUCERNA_FHIR_PEER_JAR") and (
+            not stamp.exists() or stamp.read_text().strip() != self.source_hash()
+        ):
+            raise ServerError(
+                f"{jar} was built from other sources than {self.source_dir}: "
+                "run infra/local/install.sh fhir-peer"
+            )
+
+    def _command(self) -> list[str]:
+        java = shutil.which("java")
+        if java is None:
+            raise ServerError("no java on PATH for the FHIR peer: run infra/local/install.sh")
+        # A short-lived test server: the C1 compiler alone and a serial GC start it faster.
+        return [
+            java,
+            "-Xmx512m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-jar",
+            str(self.jar()),
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+        ]
+
+    def _is_ready(self) -> bool:
+        status, _body = _http_get(f"{self.url}/metadata")
+        return status == 200
+
+
+SERVERS: dict[str, type[Server]] = {
+    cls.name: cls for cls in (RabbitMQ, Elasticsearch, FerretDB, Orthanc, FhirPeer)
+}
 
 
 def default_base_dir() -> Path:

@@ -21,7 +21,11 @@ def _start(kind: str, request: pytest.FixtureRequest, tmp: pytest.TempPathFactor
             request.getfixturevalue("rabbitmq").vhost_url(f"e2e_{name}"),
             f"e2e_{name}",
         )
-    # A module may run a subset of the services (``PLATFORM_SERVICES``), e.g. to read a queue itself.
+    # A module may add settings (``platform_settings(request)``, e.g. a server it starts) and run a
+    # subset of the services (``PLATFORM_SERVICES``), e.g. to read a queue itself.
+    extra = getattr(request.module, "platform_settings", None)
+    if extra is not None:
+        settings |= extra(request)
     only = getattr(request.module, "PLATFORM_SERVICES", None)
     process = LucernaProcess(Path(tmp.mktemp(f"lucerna-{kind}")), settings, only=only)
     process.start(timeout=180)

@@ -124,7 +124,9 @@ def stack(
     }
     platform = LucernaProcess(
         base / "platform",
-        shared | {"LUCERNA_INGESTION_QUIET_PERIOD_SECONDS": "0.3"},
+        # Long enough that a study sent in several STOW-RS requests is one burst on a loaded machine
+        # (one job per study, as the tests expect).
+        shared | {"LUCERNA_INGESTION_QUIET_PERIOD_SECONDS": "1.5"},
         only=["ingestion", "metadata", "orchestrator"],
     )
     worker = LucernaProcess(

@@ -30,6 +30,7 @@ from tests.unit.fhir.kit import (
     nodule,
     sop,
     study_facts,
+    study_ready,
     two_nodules,
 )
 
@@ -419,3 +420,22 @@ def test_study_without_patient_id_is_refused() -> None:
 def test_settings_refuse_a_non_http_dicomweb_url() -> None:
     with pytest.raises(ValueError, match="http"):
         PublishingSettings(dicomweb_base_url="ftp://pacs/dicom-web")
+
+
+def test_study_header_values_reach_the_patient_and_imaging_study() -> None:
+    ready = study_ready()
+    ready.patient_name = "DOE^JANE"
+    ready.issuer_of_patient_id = "HOSP A"
+    ready.accession_number = "ACC-77"
+    ready.study_date, ready.study_time, ready.timezone_offset = "20260917", "101500.25", "+0200"
+    facts = StudyFacts.from_study_ready(ready)
+    assert facts.started == datetime(2026, 9, 17, 8, 15, 0, 250000, tzinfo=UTC)
+    published = as_json(publication(two_nodules(), facts, SETTINGS).imaging_study)
+    assert published["started"] == "2026-09-17T10:15:00.250000+02:00"
+    ready.timezone_offset = ""
+    assert StudyFacts.from_study_ready(ready).started == datetime(2026, 9, 17, 10, 15, 0, 250000, tzinfo=UTC)
+    ready.study_time = ""
+    assert StudyFacts.from_study_ready(ready).started is None  # a date alone is not a start time
+    patient = as_json(publication(two_nodules(), facts, SETTINGS).patient)
+    assert patient["name"][0]["family"] == "DOE"
+    assert patient["identifier"][0]["system"] == "urn:lucerna:patient-id:HOSP%20A"

@@ -153,7 +153,13 @@ async def test_study_ready_carries_what_rules_match_on_and_the_instance_set(
     ports: Ports, resources: Resources, events: Any, ct: Callable[..., bytes]
 ) -> None:
     study = generate_uid()
-    described = {"StudyDescription": "CT THORAX"}
+    described = {
+        "StudyDescription": "CT THORAX",
+        "PatientName": "DOE^JANE",
+        "AccessionNumber": "ACC-77",
+        "StudyDate": "20260917",
+        "StudyTime": "101500",
+    }
     dimse = [ct(study=study, number=n, BodyPartExamined="chest", **described) for n in (1, 2)]
     stow = [ct(study=study, number=3, **described)]  # no BodyPartExamined
     assert all(o.succeeded for o in await ingest(ports, dimse, "dimse:CT@SITE1@10.0.0.5"))
@@ -173,3 +179,6 @@ async def test_study_ready_carries_what_rules_match_on_and_the_instance_set(
     ]
     assert {i.modality for i in ready.instances} == {"CT"}
     assert sorted(i.body_part for i in ready.instances) == ["", "CHEST", "CHEST"]
+    header = (ready.patient_name, ready.accession_number, ready.study_date, ready.study_time)
+    assert header == ("DOE^JANE", "ACC-77", "20260917", "101500")
+    assert (ready.issuer_of_patient_id, ready.timezone_offset) == ("", "")

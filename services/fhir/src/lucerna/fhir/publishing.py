@@ -14,11 +14,12 @@ import base64
 import hashlib
 import html
 import math
+import re
 import struct
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -81,8 +82,9 @@ class StudyFacts:
     description: str | None = None
 
     @classmethod
-    def from_study_ready(cls, ready: events_pb2.StudyReady) -> StudyFacts:
-        """The facts a ``StudyReady`` event gives (its instance set is the whole study so far)."""
+    def from_study_ready(cls, ready: events_pb2.StudyReady, site_timezone: tzinfo = UTC) -> StudyFacts:
+        """The facts a ``StudyReady`` event gives (its instance set is the whole study so far);
+        a study time without a DICOM time zone offset is taken in ``site_timezone``."""
         by_series: dict[str, list[events_pb2.InstanceRef]] = {}
         for ref in ready.instances:
             by_series.setdefault(ref.series_instance_uid, []).append(ref)
@@ -103,7 +105,39 @@ class StudyFacts:
             series=series,
             number_of_instances=ready.total_instances or len(ready.instances),
             description=ready.study_description or None,
+            issuer_of_patient_id=ready.issuer_of_patient_id or None,
+            patient_name=ready.patient_name or None,
+            started=dicom_datetime(ready.study_date, ready.study_time, ready.timezone_offset, site_timezone),
+            accession_number=ready.accession_number or None,
         )
+
+
+def dicom_datetime(date: str, time: str, offset: str, site_timezone: tzinfo) -> datetime | None:
+    """A DICOM DA + TM (+ TimezoneOffsetFromUTC) as an aware datetime; None without a valid date
+    and time (a date alone is not a start time)."""
+    match = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", date.strip())
+    clock = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?", time.strip())
+    if match is None or clock is None:
+        return None
+    zone = site_timezone
+    if re.fullmatch(r"[+-]\d{4}", offset.strip()):
+        sign = 1 if offset.strip()[0] == "+" else -1
+        zone = timezone(sign * timedelta(hours=int(offset.strip()[1:3]), minutes=int(offset.strip()[3:5])))
+    year, month, day = (int(part) for part in match.groups())
+    hour, minute, second, fraction = clock.groups()
+    try:
+        return datetime(
+            year,
+            month,
+            day,
+            int(hour),
+            int(minute or 0),
+            int(second or 0),
+            int((fraction or "0").ljust(6, "0")),
+            tzinfo=zone,
+        )
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -173,12 +207,8 @@ def publication(
     """The FHIR resources and transaction that publish one inference result."""
     _check_event(completed, study)
     completed_at = _timestamp(completed.completed_at.ToDatetime(tzinfo=UTC))
-    patient_system = settings.patient_system(study.issuer_of_patient_id)
-
-    endpoint = _build(Endpoint, _endpoint(settings))
-    patient = _build(Patient, _patient(study, patient_system))
+    endpoint, patient, imaging_study = imaging_resources(study, settings)
     patient_ref = f"Patient/{patient.id}"
-    imaging_study = _build(ImagingStudy, _imaging_study(study, patient_ref, f"Endpoint/{endpoint.id}"))
     study_ref = f"ImagingStudy/{imaging_study.id}"
     model_device = _build(Device, _model_device(completed, settings))
     platform_device = _build(Device, _platform_device(settings))
@@ -240,7 +270,7 @@ def publication(
             "entry": [
                 {
                     "fullUrl": f"urn:uuid:{uuid.UUID(hex=str(entry.resource.id))}",
-                    "resource": _json(entry.resource),
+                    "resource": resource_json(entry.resource),
                     "request": {"method": "PUT", "url": entry.reference},
                 }
                 for entry in entries
@@ -259,6 +289,28 @@ def publication(
         entries=entries,
         bundle=bundle,
     )
+
+
+def imaging_resources(
+    study: StudyFacts, settings: PublishingSettings
+) -> tuple[Endpoint, Patient, ImagingStudy]:
+    """The study's DICOMweb Endpoint, its Patient and its ImagingStudy, as a publication has them."""
+    if not study.patient_id:
+        raise PublishingError(
+            f"study {study.study_instance_uid} has no PatientID: no Patient to file it under"
+        )
+    endpoint = _build(Endpoint, _endpoint(settings))
+    patient = _build(Patient, _patient(study, settings.patient_system(study.issuer_of_patient_id)))
+    imaging_study = _build(
+        ImagingStudy, _imaging_study(study, f"Patient/{patient.id}", f"Endpoint/{endpoint.id}")
+    )
+    return endpoint, patient, imaging_study
+
+
+def resource_json(resource: Resource) -> Json:
+    """The resource as JSON (what is stored and sent)."""
+    data: Json = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return data
 
 
 def _check_event(completed: events_pb2.InferenceCompleted, study: StudyFacts) -> None:
@@ -306,7 +358,7 @@ def _published(resource: Resource, if_none_exist: str) -> PublishedResource:
 
 def _identifier_query(resource: Resource) -> str:
     """``identifier=system|value`` on the resource's first identifier, escaped as FHIR search asks."""
-    identifier = _json(resource)["identifier"][0]
+    identifier = resource_json(resource)["identifier"][0]
 
     def token(text: str) -> str:
         for special in ("\\", "|", ",", "$"):
@@ -314,11 +366,6 @@ def _identifier_query(resource: Resource) -> str:
         return quote(text, safe=":/")
 
     return f"identifier={token(identifier['system'])}|{token(identifier['value'])}"
-
-
-def _json(resource: Resource) -> Json:
-    data: Json = resource.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return data
 
 
 def _timestamp(value: datetime) -> str:

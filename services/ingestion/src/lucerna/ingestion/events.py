@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from lucerna.core.dicom.attributes import first_value
+from lucerna.core.dicom.attributes import TAGS, first_value, person_name_text
 from lucerna.core.events import codec
 from lucerna.core.events.ports import Envelope
 from lucerna.core.events.topology import AUDIT_RECORD, STUDY_READY
-from lucerna.core.storage.ports import InstanceRecord, ReadyStudy
+from lucerna.core.storage.ports import DicomJson, InstanceRecord, ReadyStudy
 from lucerna.events.v1 import events_pb2
 
 SERVICE = "ingestion"
+TIMEZONE_OFFSET_TAG = "00080201"  # TimezoneOffsetFromUTC, read for StudyReady only
 
 
 def instance_stored(record: InstanceRecord, traceparent: str | None = None) -> Envelope:
@@ -46,7 +47,7 @@ def study_ready(ready: ReadyStudy, at: datetime, instances: Sequence[InstanceRec
     """``study.ready`` for one burst of a study, with what workflow rules match on and the study's
     instance set so far (``instances``: the study's stored instances)."""
     refs = [_instance_ref(record) for record in instances]
-    descriptions = (first_value(record.dataset, "StudyDescription") for record in instances)
+    datasets = [record.dataset for record in instances]
     message = events_pb2.StudyReady(
         study_instance_uid=ready.study_uid,
         burst=ready.burst,
@@ -56,11 +57,17 @@ def study_ready(ready: ReadyStudy, at: datetime, instances: Sequence[InstanceRec
         modalities=list(ready.modalities),
         sources=list(ready.sources),
         ready_at=at,
-        study_description=next((str(d).strip() for d in descriptions if d), ""),
+        study_description=_study_text(datasets, "StudyDescription"),
         body_parts=sorted({ref.body_part for ref in refs if ref.body_part}),
         sop_class_uids=sorted({ref.sop_class_uid for ref in refs}),
         calling_ae_titles=sorted({ae for record in instances if (ae := calling_ae_title(record.source))}),
         instances=refs,
+        patient_name=_study_text(datasets, "PatientName"),
+        issuer_of_patient_id=_study_text(datasets, "IssuerOfPatientID"),
+        accession_number=_study_text(datasets, "AccessionNumber"),
+        study_date=_study_text(datasets, "StudyDate"),
+        study_time=_study_text(datasets, "StudyTime"),
+        timezone_offset=_study_text(datasets, TIMEZONE_OFFSET_TAG),
     )
     return codec.encode(
         STUDY_READY,
@@ -99,6 +106,18 @@ def calling_ae_title(source: str) -> str | None:
     if not source.startswith("dimse:"):
         return None
     return source.removeprefix("dimse:").rpartition("@")[0] or None
+
+
+def _study_text(datasets: Sequence[DicomJson], keyword_or_tag: str) -> str:
+    """A study-level attribute as text: the first instance that has it (a person name in its
+    alphabetic form), "" when none does."""
+    tag = TAGS[keyword_or_tag][0] if keyword_or_tag in TAGS else keyword_or_tag
+    for dataset in datasets:
+        values = (dataset.get(tag) or {}).get("Value")
+        text = person_name_text(values[0]) if values else None
+        if text and text.strip():
+            return text.strip()
+    return ""
 
 
 def _instance_ref(record: InstanceRecord) -> events_pb2.InstanceRef:

@@ -183,17 +183,19 @@ class Workflow:
             job_id=job_id,
             attempt=attempt,
         )
+        # The job first: once the dead letter is listed, its job shows it (a redelivery repeats both,
+        # harmlessly: a dead job stays as it is and the record is kept once).
+        if job_id:
+            try:
+                await self._change(job_id, lambda job: job.dead_lettered(attempt, dead.reason, dead.at))
+            except NotFoundError:
+                log.warning("a dead-lettered request names no known job", extra={"job_id": job_id})
         if await self.store.add_dead_letter(record):
             metrics.DEAD_LETTERS.labels(dead.queue).inc()
             log.error(
                 "dead letter recorded",
                 extra={"queue": dead.queue, "message_id": dead.envelope.message_id, "reason": dead.reason},
             )
-        if job_id:
-            try:
-                await self._change(job_id, lambda job: job.dead_lettered(attempt, dead.reason, dead.at))
-            except NotFoundError:
-                log.warning("a dead-lettered request names no known job", extra={"job_id": job_id})
         return record
 
     # --- time -----------------------------------------------------------------------------------

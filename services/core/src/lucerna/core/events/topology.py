@@ -19,6 +19,7 @@ INFERENCE_REQUESTED_ROUTINE = "inference.requested.routine"  # + ".<model>"
 INFERENCE_STARTED = "inference.started"
 INFERENCE_COMPLETED = "inference.completed"
 INFERENCE_FAILED = "inference.failed"
+REPORT_PUBLISHED = "fhir.report-published"
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ QUEUES: tuple[QueueSpec, ...] = (
     QueueSpec("inference.stat", (f"{INFERENCE_REQUESTED_STAT}.*",)),
     QueueSpec("inference.routine", (f"{INFERENCE_REQUESTED_ROUTINE}.*",)),
     QueueSpec("orchestrator.job-events", (INFERENCE_STARTED, INFERENCE_COMPLETED, INFERENCE_FAILED)),
-    # Bound now so that results wait for the FHIR service instead of being dropped.
     QueueSpec("fhir.inference-completed", (INFERENCE_COMPLETED,)),
+    QueueSpec("fhir.study-ready", (STUDY_READY,)),
+    # Published results, for the FHIR service's subscription notifications.
+    QueueSpec("fhir.report-published", (REPORT_PUBLISHED,)),
 )
 
 

@@ -1,0 +1,149 @@
+"""A study sent to `lucerna up` ends as FHIR resources that a hospital system reads and searches at
+/fhir: the report, its findings, the imaging study, the patient, the algorithm and the provenance."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from io import BytesIO
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+
+from lucerna.inference import synthetic
+from tests.e2e.platform import LucernaProcess
+
+BOUNDARY = "lucerna-fhir-e2e"
+LOINC_IMAGING = "http://loinc.org|18748-4"
+
+
+def stow(platform: LucernaProcess, instances: list[bytes]) -> None:
+    body = b"".join(
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+        for data in instances
+    )
+    response = httpx.post(
+        f"{platform.dicomweb}/studies",
+        content=body + f"--{BOUNDARY}--\r\n".encode(),
+        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+
+
+def fhir(platform: LucernaProcess, path: str, **params: Any) -> httpx.Response:
+    return httpx.get(f"{platform.base_url}/fhir/{path}", params=params, timeout=10)
+
+
+def searchset(platform: LucernaProcess, path: str, **params: Any) -> Bundle:
+    response = fhir(platform, path, **params)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    return Bundle.model_validate_json(response.content)
+
+
+async def report_for(platform: LucernaProcess, study_uid: str, within: float = 180) -> DiagnosticReport:
+    """The study's DiagnosticReport once it can be found by its ImagingStudy."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        studies = await asyncio.to_thread(
+            searchset, platform, "ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{study_uid}"
+        )
+        if studies.entry:
+            study_id = studies.entry[0].resource.id
+            reports = await asyncio.to_thread(
+                searchset, platform, "DiagnosticReport", **{"imaging-study": study_id}
+            )
+            if reports.entry:
+                return DiagnosticReport.model_validate(reports.entry[0].resource.model_dump())
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no DiagnosticReport for {study_uid} after {within}s\n{platform.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def chest(platform: LucernaProcess) -> synthetic.SyntheticStudy:
+    """A chest CT with nodules, sent once per platform."""
+    study = synthetic.chest_study(seed=11, slices=40, patient_id="E2E-FHIR-11")
+    stow(platform, study.instances)
+    return study
+
+
+async def test_a_chest_ct_becomes_a_searchable_diagnostic_report(
+    platform: LucernaProcess, chest: synthetic.SyntheticStudy
+) -> None:
+    report = await report_for(platform, chest.study_uid)
+    assert report.status == "preliminary"
+    assert any(label.code == "AIAST" for label in report.meta.security)
+    assert report.result, "the phantom's nodules gave no Observation"
+
+    # Read: the same resource, with its version as ETag; a conditional read answers 304.
+    read = await asyncio.to_thread(fhir, platform, f"DiagnosticReport/{report.id}")
+    assert read.status_code == 200
+    assert read.headers["etag"] == f'W/"{report.meta.versionId}"'
+    again = await asyncio.to_thread(
+        lambda: httpx.get(read.url, headers={"If-None-Match": read.headers["etag"]}, timeout=10)
+    )
+    assert again.status_code == 304
+
+    # The patient, by the PatientID the modality sent.
+    patients = await asyncio.to_thread(searchset, platform, "Patient", identifier="E2E-FHIR-11")
+    [patient_entry] = patients.entry
+    patient_id = patient_entry.resource.id
+    assert report.subject.reference == f"Patient/{patient_id}"
+
+    # Search as an integrator does: patient + code + date, with the findings and provenance.
+    today = datetime.now(UTC).date().isoformat()
+    found = await asyncio.to_thread(
+        searchset,
+        platform,
+        "DiagnosticReport",
+        patient=patient_id,
+        code=LOINC_IMAGING,
+        date=f"ge{today}",
+        _include="DiagnosticReport:result",
+        _revinclude="Provenance:target",
+    )
+    matches = [e.resource for e in found.entry if e.search.mode == "match"]
+    included = {
+        f"{e.resource.get_resource_type()}/{e.resource.id}" for e in found.entry if e.search.mode == "include"
+    }
+    assert [r.id for r in matches] == [report.id]
+    assert found.total == 1
+    assert {ref.reference for ref in report.result} <= included
+    provenance = [r for r in (e.resource for e in found.entry) if r.get_resource_type() == "Provenance"]
+    assert [p.target[0].reference for p in provenance] == [f"DiagnosticReport/{report.id}"]
+
+    # The design notes' example.
+    studies = await asyncio.to_thread(
+        searchset, platform, "ImagingStudy", patient=patient_id, modality="CT", _lastUpdated="gt2023-09-01"
+    )
+    [study_entry] = studies.entry
+    imaging = ImagingStudy.model_validate(study_entry.resource.model_dump())
+    assert imaging.numberOfInstances == 40
+    dataset = pydicom.dcmread(BytesIO(chest.instances[0]))
+    assert imaging.series[0].uid == dataset.SeriesInstanceUID
+    assert f"ImagingStudy/{imaging.id}" == report.imagingStudy[0].reference
+
+
+async def test_errors_are_operation_outcomes_and_the_capability_statement_is_served(
+    platform: LucernaProcess,
+) -> None:
+    missing = await asyncio.to_thread(fhir, platform, "DiagnosticReport/does-not-exist")
+    assert missing.status_code == 404
+    OperationOutcome.model_validate_json(missing.content)
+    bad = await asyncio.to_thread(fhir, platform, "DiagnosticReport", date="gt2023-13")
+    assert bad.status_code == 400
+    assert "date" in OperationOutcome.model_validate_json(bad.content).issue[0].diagnostics
+    metadata = await asyncio.to_thread(fhir, platform, "metadata")
+    statement = CapabilityStatement.model_validate_json(metadata.content)
+    assert statement.fhirVersion == "4.0.1"
+    served = {resource.type for resource in statement.rest[0].resource}
+    assert {"DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "Provenance"} <= served
