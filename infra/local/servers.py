@@ -720,9 +720,10 @@ class FhirPeer(Server):
     version = VERSIONS["FHIR_PEER_VERSION"]
     source_dir = HERE / "fhir-peer"
 
-    def __init__(self, base_dir: Path, *, port_offset: int = 0) -> None:
+    def __init__(self, base_dir: Path, *, port_offset: int = 0, tuned_for_speed: bool = False) -> None:
         super().__init__(base_dir, port_offset=port_offset)
         self.port = 8091 + port_offset
+        self.tuned_for_speed = tuned_for_speed
 
     @property
     def url(self) -> str:
@@ -817,12 +818,16 @@ class FhirPeer(Server):
         java = shutil.which("java")
         if java is None:
             raise ServerError("no java on PATH for the FHIR peer: run infra/local/install.sh")
-        # A short-lived test server: the C1 compiler alone and a serial GC start it faster.
+        # A short-lived test server: the C1 compiler alone and a serial GC start it faster. A
+        # benchmark wants the JVM's defaults (full JIT, G1): ``tuned_for_speed``.
+        flags = (
+            ["-Xmx1g"]
+            if self.tuned_for_speed
+            else ["-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"]
+        )
         return [
             java,
-            "-Xmx512m",
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
+            *flags,
             "-jar",
             str(self.jar()),
             "--host",

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
+import threading
 import time
 from datetime import UTC, datetime
 from io import BytesIO
@@ -17,7 +20,10 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.parameters import Parameters
 
+from lucerna.fhir import codes, subscriptions
+from lucerna.fhir.publishing import resource_id
 from lucerna.inference import synthetic
 from tests.e2e.platform import LucernaProcess
 
@@ -147,3 +153,81 @@ async def test_errors_are_operation_outcomes_and_the_capability_statement_is_ser
     assert statement.fhirVersion == "4.0.1"
     served = {resource.type for resource in statement.rest[0].resource}
     assert {"DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "Provenance"} <= served
+
+
+class Receiver:
+    """A rest-hook endpoint: an HTTP server in a thread that keeps every notification Bundle."""
+
+    def __init__(self) -> None:
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def notifications(self, kind: str) -> list[Parameters]:
+        """The status Parameters of the Bundles received of one type (handshake, event-notification)."""
+        statuses = [Parameters.model_validate(bundle["entry"][0]["resource"]) for bundle in self.received]
+        return [s for s in statuses if any(p.name == "type" and p.valueCode == kind for p in s.parameter)]
+
+
+async def test_a_subscriber_is_notified_of_its_patients_report(platform: LucernaProcess) -> None:
+    receiver = Receiver()
+    patient = resource_id("Patient", codes.DEFAULT_PATIENT_ID_SYSTEM, "E2E-SUB-31")
+    subscription = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "AI reports of one patient",
+        "criteria": subscriptions.TOPIC,
+        "_criteria": {
+            "extension": [
+                {"url": subscriptions.FILTER_CRITERIA, "valueString": f"DiagnosticReport?patient={patient}"}
+            ]
+        },
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": receiver.url,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": subscriptions.PAYLOAD_CONTENT, "valueCode": "id-only"}]},
+        },
+    }
+    created = await asyncio.to_thread(
+        httpx.post,
+        f"{platform.base_url}/fhir/Subscription",
+        json=subscription,
+        headers={"Content-Type": "application/fhir+json"},
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    subscription_id = created.json()["id"]
+    deadline = time.monotonic() + 30
+    path = f"Subscription/{subscription_id}"
+    while (await asyncio.to_thread(fhir, platform, path)).json()["status"] != "active":
+        assert time.monotonic() < deadline, f"no handshake: {receiver.received}"
+        await asyncio.sleep(0.2)
+    assert receiver.notifications("handshake")
+
+    study = synthetic.chest_study(seed=31, slices=30, patient_id="E2E-SUB-31")
+    await asyncio.to_thread(stow, platform, study.instances)
+    report = await report_for(platform, study.study_uid)
+    deadline = time.monotonic() + 30
+    while not receiver.notifications("event-notification"):
+        assert time.monotonic() < deadline, "no event notification"
+        await asyncio.sleep(0.2)
+    [event] = receiver.notifications("event-notification")
+    [notification_event] = [p for p in event.parameter if p.name == "notification-event"]
+    focus = next(part.valueReference.reference for part in notification_event.part if part.name == "focus")
+    assert focus.endswith(f"DiagnosticReport/{report.id}")
+    number = next(part.valueString for part in notification_event.part if part.name == "event-number")
+    assert number == "1"
+    receiver.server.shutdown()

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import importlib
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import uvicorn
 from lucerna.core import logging as lucerna_logging
 from lucerna.core.bootstrap import build_resources
 from lucerna.core.http import create_app
-from lucerna.core.service import HasCompanion, Service, discover
+from lucerna.core.service import HasCompanion, HasReindex, Service, discover
 from lucerna.core.settings import CoreSettings
 from lucerna.core.workers import claim_port, reuse_port_socket, supervise
 
@@ -34,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--only", metavar="SERVICES", help="comma-separated services to run instead of all")
     serve = commands.add_parser("serve", help="run one service alone (as in Kubernetes)")
     serve.add_argument("service")
-    commands.add_parser("reindex", help="rebuild the search index from the metadata store")
+    reindex = commands.add_parser("reindex", help="rebuild the services' search indexes from their stores")
+    reindex.add_argument("--only", metavar="SERVICES", help="comma-separated services (default: every one)")
     commands.add_parser("services", help="list the installed services")
     args = parser.parse_args(argv)
 
@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "reindex":
         lucerna_logging.configure("reindex", settings.log_level)
-        indexing = importlib.import_module("lucerna.metadata.indexing")
-        count = asyncio.run(indexing.reindex(build_resources(settings)))
-        print(f"reindexed {count} studies")
+        indexed = {name: service for name, service in installed.items() if isinstance(service, HasReindex)}
+        chosen = sorted(indexed) if not args.only else [name.strip() for name in args.only.split(",")]
+        unknown = [name for name in chosen if name not in indexed]
+        if unknown:
+            parser.error(f"no index to rebuild in {', '.join(unknown)}; indexed: {', '.join(indexed)}")
+        for name in chosen:
+            print(f"{name}: {asyncio.run(indexed[name].reindex(build_resources(settings)))}")
         return 0
     if args.command == "serve":
         if args.service not in installed:

@@ -67,6 +67,15 @@ class HasCompanion(Protocol):
     def companion_command(self, settings: CoreSettings) -> list[str] | None: ...
 
 
+@runtime_checkable
+class HasReindex(Protocol):
+    """A service with a derived search index that ``lucerna reindex`` rebuilds from its store."""
+
+    async def reindex(self, resources: Resources) -> str:
+        """Open what it needs, empty and refill the index, close; what was done, for people."""
+        ...
+
+
 def discover() -> dict[str, Service]:
     """The installed deployables by name."""
     found: dict[str, Service] = {}

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from lucerna.core.storage.mongo import answers
-from lucerna.core.storage.sqlite import SqliteDatabase
+from lucerna.fhir.backing import Document, MongoBacked, SqliteBacked
 
 log = logging.getLogger(__name__)
 
@@ -253,20 +253,11 @@ FROM deliveries
 """
 
 
-class SqliteDeliveryOutbox:
+class SqliteDeliveryOutbox(SqliteBacked):
     """``DeliveryOutbox`` in a SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        self._db = SqliteDatabase(path, _SCHEMA)
-
-    async def start(self) -> None:
-        await self._db.start()
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def ping(self) -> bool:
-        return await self._db.ping()
+        super().__init__(path, _SCHEMA)
 
     async def add(self, deliveries: Sequence[Delivery]) -> None:
         """Insert each unless its key is taken."""
@@ -365,34 +356,17 @@ def _delivery(row: Sequence[Any]) -> Delivery:
 # --- MongoDB -------------------------------------------------------------------------------------
 
 
-class MongoDeliveryOutbox:
+class MongoDeliveryOutbox(MongoBacked):
     """``DeliveryOutbox`` in MongoDB (``fhir_deliveries``, ``_id`` = key)."""
 
-    def __init__(self, url: str, database: str) -> None:
-        self._url = url
-        self._database = database
-        self._client: AsyncMongoClient[dict[str, Any]] | None = None
-
-    def _client_db(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("the delivery outbox is not started")
-        return self._client[self._database]
-
     @property
-    def _deliveries(self) -> Any:
-        return self._client_db()["fhir_deliveries"]
+    def _deliveries(self) -> AsyncCollection[Document]:
+        return self.collection("fhir_deliveries")
 
     async def start(self) -> None:
-        self._client = AsyncMongoClient(self._url, tz_aware=True)
+        """Connect, and index what the due query filters on (MongoDB uses it; FerretDB scans)."""
+        await super().start()
         await self._deliveries.create_index([("state", ASCENDING), ("next_attempt_at", ASCENDING)])
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    async def ping(self) -> bool:
-        return await answers(self._client)
 
     async def add(self, deliveries: Sequence[Delivery]) -> None:
         """Insert each unless its key is taken."""
@@ -418,7 +392,7 @@ class MongoDeliveryOutbox:
         then updates still filtered on the time it read; a later claimer's update no longer matches.
         A claim left by a process that died expires and is removed by the next one meeting it.
         """
-        claims = self._client_db()["fhir_delivery_claims"]
+        claims = self.collection("fhir_delivery_claims")
         claim = f"{document['_id']}@{document['next_attempt_at'].isoformat()}"
         try:
             await claims.insert_one({"_id": claim, "expires": now + lease})

@@ -9,21 +9,23 @@ update atomically but refuses a second insert of one ``_id`` (ADR 0007); a count
 by ``$inc``/compare-and-set would not.
 
 Adapters: SQLite (a table beside the outbox, one write transaction per number) and MongoDB
-(``fhir_subscription_events``, ``_id`` = ``<subscription>#<number>``).
+(``fhir_subscription_events``: ``_id`` = ``<subscription>#<number>`` per number taken,
+``<subscription>@<event>`` per event numbered and ``<subscription>#latest``, a hint where to start;
+lookups by ``_id`` only, which FerretDB answers from its index).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from lucerna.core.storage.mongo import answers
-from lucerna.core.storage.sqlite import SqliteDatabase
+from lucerna.fhir.backing import Document, MongoBacked, SqliteBacked
 
 MAX_TRIES = 100  # numbers tried before giving up: only as many processes as race for one can be ahead
 
@@ -60,20 +62,11 @@ CREATE TABLE IF NOT EXISTS subscription_events (
 """
 
 
-class SqliteEventNumbers:
+class SqliteEventNumbers(SqliteBacked):
     """``EventNumbers`` in a SQLite file (the write transaction makes find-or-take atomic)."""
 
     def __init__(self, path: Path) -> None:
-        self._db = SqliteDatabase(path, _SCHEMA)
-
-    async def start(self) -> None:
-        await self._db.start()
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def ping(self) -> bool:
-        return await self._db.ping()
+        super().__init__(path, _SCHEMA)
 
     async def number(self, subscription: str, event: str) -> int:
         """Find the event's number or take the next, in one transaction."""
@@ -107,63 +100,49 @@ class SqliteEventNumbers:
 # --- MongoDB -------------------------------------------------------------------------------------
 
 
-class MongoEventNumbers:
+class MongoEventNumbers(MongoBacked):
     """``EventNumbers`` in MongoDB (``fhir_subscription_events``)."""
 
-    def __init__(self, url: str, database: str) -> None:
-        self._url = url
-        self._database = database
-        self._client: AsyncMongoClient[dict[str, Any]] | None = None
-
     @property
-    def _events(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("the subscription event numbers are not started")
-        return self._client[self._database]["fhir_subscription_events"]
-
-    async def start(self) -> None:
-        self._client = AsyncMongoClient(self._url, tz_aware=True)
-        await self._events.create_index([("subscription", ASCENDING), ("number", DESCENDING)])
-        await self._events.create_index([("subscription", ASCENDING), ("event", ASCENDING)])
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    async def ping(self) -> bool:
-        return await answers(self._client)
+    def _events(self) -> AsyncCollection[Document]:
+        return self.collection("fhir_subscription_events")
 
     async def number(self, subscription: str, event: str) -> int:
-        """Find the event's number, else insert the next free ``<subscription>#<number>``.
+        """The event's number (``<subscription>@<event>``), else the next free
+        ``<subscription>#<number>`` after the latest known one, taken by insert.
 
         Two processes numbering the same event at the same moment (a redelivery racing the first
         delivery) can each take a number; the outbox keeps one notification per event, so the
         other number is a gap the receiver sees, never a duplicate."""
-        found = await self._events.find_one({"subscription": subscription, "event": event})
+        found = await self._events.find_one({"_id": f"{subscription}@{event}"})
         if found is not None:
             return int(found["number"])
-        number = await self.count(subscription) + 1
+        number = await self._latest(subscription) + 1
         for _ in range(MAX_TRIES):
             try:
                 await self._events.insert_one(
-                    {
-                        "_id": f"{subscription}#{number}",
-                        "subscription": subscription,
-                        "number": number,
-                        "event": event,
-                        "at": datetime.now(UTC),
-                    }
+                    {"_id": f"{subscription}#{number}", "event": event, "at": datetime.now(UTC)}
                 )
             except DuplicateKeyError:
                 number += 1
                 continue
+            with contextlib.suppress(DuplicateKeyError):
+                await self._events.insert_one({"_id": f"{subscription}@{event}", "number": number})
+            with contextlib.suppress(DuplicateKeyError):  # two first upserts at once: one wins
+                await self._events.update_one(
+                    {"_id": f"{subscription}#latest"}, {"$max": {"number": number}}, upsert=True
+                )
             return number
         raise RuntimeError(f"no free event number for {subscription} after {MAX_TRIES} tries")
 
     async def count(self, subscription: str) -> int:
-        """The highest number taken."""
-        latest = await self._events.find_one(
-            {"subscription": subscription}, sort=[("number", DESCENDING)], projection={"number": 1}
-        )
+        """The highest number taken: the latest known, then the taken ones after it."""
+        number = await self._latest(subscription)
+        while await self._events.find_one({"_id": f"{subscription}#{number + 1}"}, {"_id": 1}) is not None:
+            number += 1
+        return number
+
+    async def _latest(self, subscription: str) -> int:
+        # A hint only (FerretDB does not apply $max atomically): numbers are taken by insert.
+        latest = await self._events.find_one({"_id": f"{subscription}#latest"})
         return int(latest["number"]) if latest is not None else 0

@@ -24,17 +24,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from lucerna.core.storage.mongo import answers
+from lucerna.fhir.backing import Document, MongoBacked
 from lucerna.fhir.store import ResourceWrite, StoredResource, WriteOutcome
 from lucerna.fhir.versions import body_with_meta, check_if_match, milliseconds_ceiling, next_version
-
-Document = dict[str, Any]
 
 PREFIX = "fhir_"
 # Up to this many references, read_many looks each up by _id; beyond, with one $in. Measured on
@@ -45,18 +42,11 @@ DUPLICATE_KEY = 11000
 _Change = Callable[[StoredResource | None], StoredResource | None]
 
 
-class MongoResourceStore:
+class MongoResourceStore(MongoBacked):
     """The ``ResourceStore`` in a MongoDB (or FerretDB) database."""
 
-    def __init__(self, url: str, database: str) -> None:
-        self._url = url
-        self._database = database
-        self._client: AsyncMongoClient[Document] | None = None
-
     def _named(self, name: str) -> AsyncCollection[Document]:
-        if self._client is None:
-            raise RuntimeError("the MongoDB resource store is not started")
-        return self._client[self._database][PREFIX + name]
+        return self.collection(PREFIX + name)
 
     @property
     def _current(self) -> AsyncCollection[Document]:
@@ -68,21 +58,9 @@ class MongoResourceStore:
 
     async def start(self) -> None:
         """Connect and create the indexes that type-level scans use on MongoDB."""
-        if self._client is not None:
-            return
-        self._client = AsyncMongoClient(self._url, tz_aware=True)
+        await super().start()
         await self._history.create_index([("type", ASCENDING), ("last_updated", DESCENDING)])
         await self._current.create_index([("type", ASCENDING), ("_id", ASCENDING)])
-
-    async def close(self) -> None:
-        """Close the connections."""
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    async def ping(self) -> bool:
-        """True when the server answers within three seconds."""
-        return await answers(self._client)
 
     async def write(self, writes: Sequence[ResourceWrite]) -> list[WriteOutcome]:
         """Store each changed resource as a new version, one after the other (no transactions)."""

@@ -190,6 +190,19 @@ class FhirService:
             self._client = None
 
 
+    async def reindex(self, resources: Resources) -> str:
+        """``lucerna reindex``: the FHIR search index, emptied and rebuilt from the resource store."""
+        store, index = build_storage(resources.settings)
+        await store.start()
+        await index.start()
+        try:
+            count = await Repository(store, index).rebuild_index()
+        finally:
+            await index.close()
+            await store.close()
+        return f"reindexed {count} FHIR resources"
+
+
 def build_storage(settings: CoreSettings) -> tuple[ResourceStore, ResourceIndex]:
     """The resource store beside the platform's metadata store and the index beside its search
     index: SQLite (one file, both), or MongoDB and Elasticsearch."""

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lucerna.core.storage.sqlite import SqliteDatabase
+from lucerna.fhir.backing import SqliteBacked
 from lucerna.fhir.store import (
     Criterion,
     DateComparator,
@@ -114,24 +114,11 @@ _LAST_CODE_POINT = 0x10FFFF
 _SURROGATES = range(0xD800, 0xE000)  # not encodable in UTF-8: the successor skips them
 
 
-class SqliteResources:
+class SqliteResources(SqliteBacked):
     """``ResourceStore`` and ``ResourceIndex`` in one SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = SqliteDatabase(path, _SCHEMA)
-
-    async def start(self) -> None:
-        """Open the file (WAL mode) and create the tables; again: nothing."""
-        await self._db.start()
-
-    async def close(self) -> None:
-        """Stop the threads and close the connections."""
-        await self._db.close()
-
-    async def ping(self) -> bool:
-        """True when the file answers a query."""
-        return await self._db.ping()
+        super().__init__(path, _SCHEMA)
 
     # --- ResourceStore -------------------------------------------------------------------------
 

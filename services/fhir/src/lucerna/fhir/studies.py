@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from lucerna.core.storage.mongo import answers
-from lucerna.core.storage.sqlite import SqliteDatabase
 from lucerna.events.v1 import events_pb2
+from lucerna.fhir.backing import Document, MongoBacked, SqliteBacked
 
 
 class StudyStore(Protocol):
@@ -47,20 +46,11 @@ CREATE TABLE IF NOT EXISTS studies (
 """
 
 
-class SqliteStudyStore:
+class SqliteStudyStore(SqliteBacked):
     """``StudyStore`` in a SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        self._db = SqliteDatabase(path, _SCHEMA)
-
-    async def start(self) -> None:
-        await self._db.start()
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def ping(self) -> bool:
-        return await self._db.ping()
+        super().__init__(path, _SCHEMA)
 
     async def put(self, ready: events_pb2.StudyReady) -> bool:
         """Upsert unless the kept burst is later."""
@@ -87,30 +77,12 @@ class SqliteStudyStore:
         return None if data is None else events_pb2.StudyReady.FromString(data)
 
 
-class MongoStudyStore:
+class MongoStudyStore(MongoBacked):
     """``StudyStore`` in MongoDB (``fhir_studies``)."""
 
-    def __init__(self, url: str, database: str) -> None:
-        self._url = url
-        self._database = database
-        self._client: AsyncMongoClient[dict[str, Any]] | None = None
-
     @property
-    def _studies(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("the study store is not started")
-        return self._client[self._database]["fhir_studies"]
-
-    async def start(self) -> None:
-        self._client = AsyncMongoClient(self._url, tz_aware=True)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    async def ping(self) -> bool:
-        return await answers(self._client)
+    def _studies(self) -> AsyncCollection[Document]:
+        return self.collection("fhir_studies")
 
     async def put(self, ready: events_pb2.StudyReady) -> bool:
         """Replace unless a later burst is kept (the upsert's insert then hits the taken ``_id``)."""

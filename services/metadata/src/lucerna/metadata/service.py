@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from starlette.routing import BaseRoute
 
 from lucerna.core.service import Resources
-from lucerna.metadata.indexing import Indexer
+from lucerna.metadata.indexing import Indexer, reindex
 from lucerna.metadata.qido_views import qido_routes
 from lucerna.metadata.search_views import search_routes
 from lucerna.metadata.wado_views import wado_routes
@@ -35,6 +35,10 @@ class MetadataService:
         if self._indexer is not None:
             await self._indexer.stop()
             self._indexer = None
+
+    async def reindex(self, resources: Resources) -> str:
+        """``lucerna reindex``: the study search index, rebuilt from the metadata store."""
+        return f"reindexed {await reindex(resources)} studies"
 
 
 SERVICE = MetadataService()
