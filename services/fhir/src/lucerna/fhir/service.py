@@ -78,13 +78,13 @@ class FhirService:
         """Started, and the resource store, the index and the study store reachable."""
         repository, studies, outbox, numbers = self._repository, self._studies, self._outbox, self._numbers
         if repository is None or studies is None or outbox is None or numbers is None:
-            return {"fhir-store": False}
+            return {"store": False}
         return {
-            "fhir-store": await repository.store.ping(),
-            "fhir-index": await repository.index.ping(),
-            "fhir-studies": await studies.ping(),
-            "fhir-deliveries": await outbox.ping(),
-            "fhir-subscriptions": await numbers.ping(),
+            "store": await repository.store.ping(),
+            "index": await repository.index.ping(),
+            "studies": await studies.ping(),
+            "deliveries": await outbox.ping(),
+            "subscriptions": await numbers.ping(),
         }
 
     def routes(self, resources: Resources) -> Sequence[BaseRoute]:
