@@ -12,7 +12,7 @@ PROTOS = $(shell find protos -name '*.proto')
 PROTO_OUT = services/core/src
 # Folders git does not keep while empty are left out rather than failing pytest.
 TEST_PATHS = $(wildcard tests/unit tests/integration tests/e2e)
-MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src services/orchestrator/src services/inference/src services/fhir/src
+MYPY_PACKAGES = services/core/src services/ingestion/src services/metadata/src services/orchestrator/src services/inference/src services/fhir/src services/audit/src
 # Training runs in a virtual environment of its own (PyTorch stays out of the services and of make test).
 TRAIN_VENV ?= $(HOME)/.cache/lucerna/train-venv
 TRAIN_PY = $(TRAIN_VENV)/bin/python
@@ -40,7 +40,8 @@ lint: protos ## ruff on everything, mypy on the services' packages
 	$(RUN) ruff check .
 	$(RUN) mypy $(MYPY_PACKAGES)
 
-test: setup lint ## the whole suite: unit, integration (real servers), e2e
+test: setup lint ## the whole suite: the Go chaincode's tests, then unit, integration (real servers), e2e
+	bash infra/fabric/chaincode/test.sh
 	$(RUN) pytest $(TEST_PATHS)
 
 up: deps protos ## run the whole platform on this machine with embedded defaults

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.server
 import json
 import threading
@@ -22,7 +23,11 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.parameters import Parameters
 
+from lucerna.audit import merkle
+from lucerna.audit.checkpoints import verify
+from lucerna.audit.keys import parse_public_keys
 from lucerna.fhir import codes, subscriptions
+from lucerna.fhir.canonical import canonical_sha256
 from lucerna.fhir.publishing import resource_id
 from lucerna.inference import synthetic
 from tests.e2e.platform import LucernaProcess
@@ -231,3 +236,52 @@ async def test_a_subscriber_is_notified_of_its_patients_report(platform: Lucerna
     number = next(part.valueString for part in notification_event.part if part.name == "event-number")
     assert number == "1"
     receiver.server.shutdown()
+
+
+async def test_the_published_report_is_in_the_audit_log_under_a_signed_checkpoint(
+    platform: LucernaProcess, chest: synthetic.SyntheticStudy
+) -> None:
+    report = await report_for(platform, chest.study_uid)
+    served = (await asyncio.to_thread(fhir, platform, f"DiagnosticReport/{report.id}")).json()
+    job_id = next(i.value for i in report.identifier if i.system == "urn:lucerna:job")
+    keys = (await asyncio.to_thread(httpx.get, f"{platform.base_url}/.well-known/lucerna-audit-keys")).json()
+    trusted = parse_public_keys(keys["keys"])
+
+    # The publication's audit record, found by its message id among the log's entries.
+    deadline = time.monotonic() + 30
+    while True:
+        note = await asyncio.to_thread(httpx.get, f"{platform.base_url}/api/audit/checkpoints/latest")
+        checkpoint = verify(note.text, trusted, origin=keys["origin"]) if note.status_code == 200 else None
+        entries = (
+            [await asyncio.to_thread(audit_entry, platform, seq) for seq in range(checkpoint.size)]
+            if checkpoint
+            else []
+        )
+        published = [e for e in entries if e["key"] == f"audit-result-published:{job_id}"]
+        if published:
+            break
+        assert time.monotonic() < deadline, "the publication's audit record is not under a checkpoint"
+        await asyncio.sleep(0.5)
+    [entry] = published
+    assert entry["record"]["sha256"] == canonical_sha256(served)
+    stored = [e for e in entries if e["record"].get("study_instance_uid") == chest.study_uid]
+    assert sum(e["record"]["action"] == "INSTANCE_STORED" for e in stored) == len(chest.instances)
+
+    proof = (
+        await asyncio.to_thread(
+            httpx.get,
+            f"{platform.base_url}/api/audit/proofs/inclusion/{entry['seq']}",
+            params={"size": checkpoint.size},
+        )
+    ).json()
+    leaf = merkle.leaf_hash(base64.b64decode(entry["data"]))
+    merkle.verify_inclusion(
+        leaf, entry["seq"], checkpoint.size, [base64.b64decode(n) for n in proof["proof"]], checkpoint.root
+    )
+
+
+def audit_entry(platform: LucernaProcess, seq: int) -> dict[str, Any]:
+    response = httpx.get(f"{platform.base_url}/api/audit/entries/{seq}", timeout=10)
+    response.raise_for_status()
+    entry: dict[str, Any] = response.json()
+    return entry

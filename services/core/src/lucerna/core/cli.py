@@ -80,7 +80,7 @@ def _run(settings: CoreSettings, services: list[Service], name: str) -> int:
             return 1
     print(
         f"lucerna: {', '.join(s.name for s in services)} on http://{settings.http_host}:{settings.http_port}"
-        f" (healthz /healthz, DICOMweb /dicom-web); data in {settings.data_dir.resolve()};"
+        f" (healthz /healthz, DICOMweb /dicom-web, FHIR /fhir); data in {settings.data_dir.resolve()};"
         f" auth {'required' if settings.auth_enforced else 'off (local, loopback only)'};"
         f" {workers} worker process{'es' if workers > 1 else ''}",
         file=sys.stderr,

@@ -1,0 +1,221 @@
+"""The log's ML-DSA-65 signing keys, kept in a directory: one JSON file per key, ``key-<n>.json``.
+
+The key with the highest number is the active one (it signs new checkpoints); older keys stay for
+verification and stay published, so checkpoints signed before a rotation still verify. Key names
+are ``<origin>/key-<n>``. Files hold the private key: they are created mode 0600 in a 0700
+directory and a file readable by others is refused at load. A file is written whole to a temporary
+name and linked into place, which fails if the name is taken: two processes starting (or rotating)
+at once never overwrite each other's key; the loser reloads and uses the winner's.
+
+Private keys never appear in a repr, a log line or ``public_keys()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pqcrypto.sign import ml_dsa_65
+
+from lucerna.audit.checkpoints import (
+    ALGORITHM,
+    DEFAULT_ORIGIN,
+    PUBLIC_KEY_SIZE,
+    CheckpointError,
+    TrustedKey,
+    check_key_name,
+    key_id,
+)
+
+log = logging.getLogger(__name__)
+
+_FILE = re.compile(r"key-([1-9][0-9]*)\.json")
+_SELF_TEST = b"lucerna audit key self-test\n"
+
+
+class KeyringError(RuntimeError):
+    """A key file that is unsafe, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """An ML-DSA-65 key pair with its signed-note name and key ID."""
+
+    name: str
+    key_id: bytes
+    public_key: bytes
+    private_key: bytes = field(repr=False)
+    created: datetime
+
+    @classmethod
+    def generate(cls, name: str, created: datetime | None = None) -> SigningKey:
+        """A fresh key pair named ``name``."""
+        check_key_name(name)
+        public_key, private_key = ml_dsa_65.keygen()
+        return cls(name, key_id(name, public_key), public_key, private_key, created or datetime.now(UTC))
+
+    def sign(self, message: bytes) -> bytes:
+        """The ML-DSA-65 signature of ``message``."""
+        signature: bytes = ml_dsa_65.sign(self.private_key, message)
+        return signature
+
+    def trusted(self) -> TrustedKey:
+        """The public half, as a verifier pins it."""
+        return TrustedKey(self.name, self.key_id, self.public_key)
+
+
+class Keyring:
+    """The signing keys in ``directory``; the first key is created when there is none."""
+
+    def __init__(self, directory: Path, origin: str = DEFAULT_ORIGIN) -> None:
+        self.directory = directory
+        self.origin = origin
+        self._keys: dict[int, SigningKey] = {}
+        self.reload()
+        if not self._keys:
+            self._create(1)
+
+    @property
+    def active(self) -> SigningKey:
+        """The key that signs new checkpoints (the newest)."""
+        return self._keys[max(self._keys)]
+
+    def signing_keys(self) -> list[SigningKey]:
+        """Every key, newest first."""
+        return [self._keys[n] for n in sorted(self._keys, reverse=True)]
+
+    def rotate(self) -> SigningKey:
+        """Make a new key the active one; the old ones stay for verification."""
+        self.reload()
+        self._create(max(self._keys, default=0) + 1)
+        return self.active
+
+    def reload(self) -> None:
+        """Read the directory again (another process may have rotated)."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys = {}
+        for path in self.directory.iterdir():
+            match = _FILE.fullmatch(path.name)
+            if match is not None:
+                keys[int(match.group(1))] = _load(path)
+        self._keys = keys
+
+    def trusted_keys(self) -> list[TrustedKey]:
+        """The public halves of every key, newest first."""
+        return [key.trusted() for key in self.signing_keys()]
+
+    def public_keys(self) -> list[dict[str, Any]]:
+        """Every key's public half as JSON for the well-known URL, newest first."""
+        active = self.active.key_id
+        return [
+            {
+                "name": key.name,
+                "key_id": key.key_id.hex(),
+                "algorithm": ALGORITHM,
+                "public_key": base64.b64encode(key.public_key).decode(),
+                "created": key.created.isoformat(),
+                "active": key.key_id == active,
+            }
+            for key in self.signing_keys()
+        ]
+
+    def _create(self, number: int) -> None:
+        key = SigningKey.generate(f"{self.origin}/key-{number}")
+        document = {
+            "name": key.name,
+            "algorithm": ALGORITHM,
+            "public_key": base64.b64encode(key.public_key).decode(),
+            "private_key": base64.b64encode(key.private_key).decode(),
+            "created": key.created.isoformat(),
+        }
+        path = self.directory / f"key-{number}.json"
+        if _create_file(path, json.dumps(document, indent=1).encode() + b"\n"):
+            log.info("created audit signing key %s (key ID %s)", key.name, key.key_id.hex())
+        self.reload()
+
+
+def parse_public_keys(items: Sequence[dict[str, Any]]) -> list[TrustedKey]:
+    """Trusted keys from ``public_keys()`` JSON (pinned by a verifier); refuses a wrong key ID."""
+    trusted = []
+    for item in items:
+        try:
+            if item["algorithm"] != ALGORITHM:
+                raise CheckpointError(
+                    f"key {item['name']}: algorithm {item['algorithm']!r} is not {ALGORITHM}"
+                )
+            key = TrustedKey.of(item["name"], base64.b64decode(item["public_key"], validate=True))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"a published key is malformed: {error}") from None
+        if key.key_id.hex() != item["key_id"]:
+            raise CheckpointError(
+                f"key {key.name}: published key ID {item['key_id']} is not {key.key_id.hex()}"
+            )
+        trusted.append(key)
+    return trusted
+
+
+def _load(path: Path) -> SigningKey:
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise KeyringError(
+            f"{path} holds a private key and is accessible to others (mode {mode & 0o777:o}); chmod 600"
+        )
+    try:
+        return _key_of(json.loads(path.read_bytes()))
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # JSON, base64, key: ValueErrors
+        raise KeyringError(f"{path} is not a usable {ALGORITHM} key file: {error}") from None
+
+
+def _key_of(document: dict[str, Any]) -> SigningKey:
+    if document["algorithm"] != ALGORITHM:
+        raise ValueError(f"algorithm {document['algorithm']!r} is not {ALGORITHM}")
+    public_key = base64.b64decode(document["public_key"], validate=True)
+    if len(public_key) != PUBLIC_KEY_SIZE:
+        raise ValueError(f"the public key is {len(public_key)} bytes, not {PUBLIC_KEY_SIZE}")
+    name = document["name"]
+    check_key_name(name)
+    key = SigningKey(
+        name,
+        key_id(name, public_key),
+        public_key,
+        base64.b64decode(document["private_key"], validate=True),
+        datetime.fromisoformat(document["created"]),
+    )
+    # A file whose halves do not belong together would sign checkpoints nobody can verify.
+    if not key.trusted().verifies(_SELF_TEST, key.sign(_SELF_TEST)):
+        raise ValueError("its private key does not match its public key")
+    return key
+
+
+def _create_file(path: Path, content: bytes) -> bool:
+    """Write ``content`` to ``path`` (mode 0600, synced) unless it exists; False if it did."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the new name survives a crash
+    finally:
+        os.close(directory)
+    return True

@@ -1,0 +1,153 @@
+"""The audit deployable: appends every ``audit.record`` to the Merkle log, signs checkpoints, and
+serves entries, proofs, checkpoints and the public keys to auditors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Sequence
+
+from starlette.routing import BaseRoute
+
+from lucerna.audit.api import audit_routes
+from lucerna.audit.appender import GroupAppender
+from lucerna.audit.checkpoints import Checkpoint, sign
+from lucerna.audit.keys import Keyring
+from lucerna.audit.log import Appended, AuditLog, LogEntry, MongoAuditLog, SqliteAuditLog
+from lucerna.audit.settings import AuditSettings
+from lucerna.core.events import codec
+from lucerna.core.events.ports import Envelope
+from lucerna.core.service import Resources
+from lucerna.core.settings import CoreSettings
+from lucerna.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+AUDIT_QUEUE = "audit.records"
+CHECKPOINTER_STOP_SECONDS = 5.0
+
+
+class Checkpointer:
+    """Signs a checkpoint of the log every ``every`` entries or ``interval`` seconds, whichever comes
+    first, when the log grew since the last one."""
+
+    def __init__(
+        self, audit_log: AuditLog, keyring: Keyring, origin: str, every: int, interval: float
+    ) -> None:
+        self.log = audit_log
+        self.keyring = keyring
+        self.origin = origin
+        self.every = every
+        self.interval = interval
+        self.appended = 0
+        self.wake = asyncio.Event()
+
+    def counted(self, outcomes: Sequence[Appended]) -> None:
+        """Count new entries; wake the loop once ``every`` have arrived."""
+        self.appended += sum(1 for outcome in outcomes if outcome.new)
+        if self.appended >= self.every:
+            self.wake.set()
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Sign and keep a checkpoint of the log as it is, unless the latest already covers it."""
+        self.appended = 0
+        size = await self.log.size()
+        latest = await self.log.latest_checkpoint()
+        if size == 0 or (latest is not None and latest.checkpoint.size >= size):
+            return None
+        checkpoint = Checkpoint(self.origin, size, await self.log.root(size))
+        # ML-DSA-65 signing takes milliseconds of CPU: off the event loop.
+        signed = await asyncio.to_thread(sign, checkpoint, self.keyring.active)
+        await self.log.add_checkpoint(signed)
+        return checkpoint
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Checkpoint until ``stopping`` is set."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.interval)
+            self.wake.clear()
+            try:
+                await self.checkpoint()
+            except Exception:
+                log.exception("signing a checkpoint failed; retrying")
+
+
+class AuditService:
+    """``audit.record`` in, a verifiable log out."""
+
+    name = "audit"
+
+    def __init__(self, settings: AuditSettings | None = None) -> None:
+        self._settings = settings
+        self._log: AuditLog | None = None
+        self._keyring: Keyring | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def settings(self) -> AuditSettings:
+        """This service's settings (read from the environment on first use)."""
+        if self._settings is None:
+            self._settings = AuditSettings()
+        return self._settings
+
+    async def readiness(self) -> dict[str, bool]:
+        """Started and the log's store reachable."""
+        return {"log": self._log is not None and await self._log.ping()}
+
+    def routes(self, resources: Resources) -> Sequence[BaseRoute]:
+        """The auditors' API."""
+        return audit_routes(resources, lambda: self._log, lambda: self._keyring)
+
+    async def start(self, resources: Resources) -> None:
+        """Open the log and the keys, consume audit records, start checkpointing."""
+        settings = self.settings
+        audit_log = build_log(resources.settings)
+        await audit_log.start()
+        keyring = await asyncio.to_thread(
+            Keyring, settings.key_dir or resources.settings.data_dir / "audit-keys", settings.origin
+        )
+        checkpointer = Checkpointer(
+            audit_log,
+            keyring,
+            settings.origin,
+            settings.checkpoint_every,
+            settings.checkpoint_interval_ms / 1000,
+        )
+        appender: GroupAppender[LogEntry, Appended] = GroupAppender(audit_log.append)
+
+        async def record(envelope: Envelope) -> None:
+            codec.decode(envelope, events_pb2.AuditRecord)  # garbage is dead-lettered, never logged
+            key = envelope.message_id or "sha256:" + hashlib.sha256(envelope.body).hexdigest()
+            checkpointer.counted([await appender.append(LogEntry(key, envelope.body))])
+
+        self._log, self._keyring = audit_log, keyring
+        await resources.bus.consume(AUDIT_QUEUE, record, prefetch=settings.prefetch)
+        self._stopping = asyncio.Event()
+        self._checkpointing = asyncio.create_task(checkpointer.run(self._stopping), name="audit-checkpointer")
+        log.info("audit service started", extra={"origin": settings.origin, "key": keyring.active.name})
+
+    async def stop(self) -> None:
+        """Stop checkpointing and close the log."""
+        if self._checkpointing is not None:
+            self._stopping.set()
+            await asyncio.wait([self._checkpointing], timeout=CHECKPOINTER_STOP_SECONDS)
+            self._checkpointing.cancel()
+            self._checkpointing = None
+        if self._log is not None:
+            await self._log.close()
+            self._log = None
+        self._keyring = None
+
+
+def build_log(settings: CoreSettings) -> AuditLog:
+    """The log beside the platform's metadata store: MongoDB, or a SQLite file of its own."""
+    if settings.metadata_backend == "mongodb":
+        return MongoAuditLog(settings.mongodb_url.get_secret_value(), settings.mongodb_database)
+    return SqliteAuditLog(settings.data_dir / "audit.sqlite")
+
+
+SERVICE = AuditService()
