@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +29,8 @@ from fhir.resources.R4B.parameters import Parameters
 
 from lucerna.audit import merkle
 from lucerna.audit.checkpoints import verify
-from lucerna.audit.keys import parse_public_keys
+from lucerna.audit.keys import Keyring, parse_public_keys
+from lucerna.audit.verify import VerificationError, verify_bundle
 from lucerna.fhir import codes, subscriptions
 from lucerna.fhir.canonical import canonical_sha256
 from lucerna.fhir.publishing import resource_id
@@ -285,3 +290,61 @@ def audit_entry(platform: LucernaProcess, seq: int) -> dict[str, Any]:
     response.raise_for_status()
     entry: dict[str, Any] = response.json()
     return entry
+
+
+async def test_an_auditor_verifies_the_report_online_and_from_an_exported_bundle(
+    platform: LucernaProcess, chest: synthetic.SyntheticStudy, tmp_path: Path
+) -> None:
+    report = await report_for(platform, chest.study_uid)
+    keys = tmp_path / "pinned-keys.json"
+    published_keys = (
+        await asyncio.to_thread(httpx.get, f"{platform.base_url}/.well-known/lucerna-audit-keys")
+    ).json()
+    keys.write_text(json.dumps(published_keys))
+    bundle_path = tmp_path / "bundle.json"
+
+    def lucerna(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "lucerna.core.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+    deadline = time.monotonic() + 30
+    while (exported := await asyncio.to_thread(
+        lucerna, "export-proof", report.id, "--out", str(bundle_path), "--base-url", platform.base_url
+    )).returncode != 0:  # fmt: skip
+        assert "not under a signed checkpoint yet" in exported.stderr, exported.stderr
+        assert time.monotonic() < deadline, exported.stderr
+        await asyncio.sleep(0.5)
+    online = await asyncio.to_thread(
+        lucerna, "verify", report.id, "--keys", str(keys), "--base-url", platform.base_url
+    )
+    assert online.returncode == 0, online.stderr
+    assert f"verified: DiagnosticReport/{report.id}" in online.stdout
+    offline = await asyncio.to_thread(lucerna, "verify", "--offline", str(bundle_path), "--keys", str(keys))
+    assert offline.returncode == 0, offline.stderr
+
+    # Any changed byte fails, and the failure names what.
+    bundle = json.loads(bundle_path.read_text())
+    trusted = parse_public_keys(published_keys["keys"])
+    changed = copy.deepcopy(bundle)
+    changed["resources"][f"DiagnosticReport/{report.id}"]["conclusion"] += " "
+    with pytest.raises(VerificationError, match=f"DiagnosticReport/{report.id}"):
+        verify_bundle(changed, trusted)
+    changed = copy.deepcopy(bundle)
+    observation = next(ref for ref in changed["resources"] if ref.startswith("Observation/"))
+    changed["resources"][observation]["status"] = "final"
+    with pytest.raises(VerificationError, match=observation):
+        verify_bundle(changed, trusted)
+    changed = copy.deepcopy(bundle)
+    data = bytearray(base64.b64decode(changed["entries"][1]["data"]))
+    data[-1] ^= 1
+    changed["entries"][1]["data"] = base64.b64encode(bytes(data)).decode()
+    with pytest.raises(VerificationError, match="log entry"):
+        verify_bundle(changed, trusted)
+    changed = copy.deepcopy(bundle)
+    lines = changed["checkpoint"].split("\n")
+    lines[1] = str(int(lines[1]) + 1)
+    changed["checkpoint"] = "\n".join(lines)
+    with pytest.raises(VerificationError, match="checkpoint"):
+        verify_bundle(changed, trusted)
+    with pytest.raises(VerificationError, match="no signature by a trusted key"):
+        verify_bundle(bundle, Keyring(tmp_path / "other-keys").trusted_keys())

@@ -1,6 +1,7 @@
 """The auditors' HTTP API (``system/AuditEvent.read``); hashes and signatures in base64.
 
-- ``GET /api/audit/entries/{seq}``: one entry: its key, bytes, leaf hash and the audit record it holds.
+- ``GET /api/audit/entries/{seq}``: one entry: its key, bytes, leaf hash and the audit record it holds;
+  ``GET /api/audit/entries?key=``: the entry of an event's message id (e.g. ``audit-job-finished:<job>``).
 - ``GET /api/audit/proofs/inclusion/{seq}?size=``: the entry's inclusion proof in the tree of ``size``
   entries (default: the latest checkpoint's), with that tree's root.
 - ``GET /api/audit/proofs/consistency?from=&to=``: the consistency proof between two tree sizes.
@@ -25,7 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from lucerna.audit.keys import Keyring
-from lucerna.audit.log import AuditLog, LogRangeError
+from lucerna.audit.log import AuditLog, LogRangeError, StoredEntry
 from lucerna.core.service import Resources
 from lucerna.events.v1 import events_pb2
 
@@ -61,6 +62,7 @@ def audit_routes(
         return JSONResponse({"origin": ring.origin, "keys": ring.public_keys()})
 
     return [
+        guarded("/api/audit/entries", _entry_by_key),
         guarded("/api/audit/entries/{seq}", _entry),
         guarded("/api/audit/proofs/inclusion/{seq}", _inclusion),
         guarded("/api/audit/proofs/consistency", _consistency),
@@ -73,9 +75,19 @@ def audit_routes(
 
 async def _entry(request: Request, audit_log: AuditLog) -> Response:
     seq = _number(request.path_params["seq"], "seq")
-    entry = await audit_log.entry(seq)
+    return _entry_response(await audit_log.entry(seq), f"the log has no entry {seq}")
+
+
+async def _entry_by_key(request: Request, audit_log: AuditLog) -> Response:
+    key = request.query_params.get("key")
+    if not key:
+        raise HTTPException(400, "give key= (an event's message id) or ask for /api/audit/entries/<seq>")
+    return _entry_response(await audit_log.entry_by_key(key), f"the log has no entry with key {key!r}")
+
+
+def _entry_response(entry: StoredEntry | None, missing: str) -> Response:
     if entry is None:
-        raise HTTPException(404, f"the log has no entry {seq}")
+        raise HTTPException(404, missing)
     record = events_pb2.AuditRecord()
     record.ParseFromString(entry.data)
     return JSONResponse(

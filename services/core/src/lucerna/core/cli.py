@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import importlib
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -36,10 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     reindex = commands.add_parser("reindex", help="rebuild the services' search indexes from their stores")
     reindex.add_argument("--only", metavar="SERVICES", help="comma-separated services (default: every one)")
     commands.add_parser("services", help="list the installed services")
+    verify = commands.add_parser(
+        "verify", help="check a DiagnosticReport's chain back to the signed audit log"
+    )
+    verify.add_argument("report", nargs="?", help="the DiagnosticReport id (online: read from --base-url)")
+    verify.add_argument("--offline", type=Path, metavar="BUNDLE", help="check an exported bundle instead")
+    verify.add_argument(
+        "--keys", type=Path, help="the pinned public keys (JSON as /.well-known/lucerna-audit-keys)"
+    )
+    verify.add_argument("--base-url", default="http://127.0.0.1:8080")
+    export = commands.add_parser(
+        "export-proof", help="write a DiagnosticReport's self-contained proof bundle"
+    )
+    export.add_argument("report")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--base-url", default="http://127.0.0.1:8080")
     args = parser.parse_args(argv)
 
     settings = CoreSettings()
     installed = discover()
+    if args.command in ("verify", "export-proof"):
+        auditing = importlib.import_module("lucerna.audit.cli")  # the audit package, when installed
+        if args.command == "export-proof":
+            return int(auditing.export_proof(args.report, args.out, args.base_url))
+        if (args.report is None) == (args.offline is None):
+            parser.error("verify needs a report id or --offline BUNDLE (one of them)")
+        return int(auditing.verify(args.report, offline=args.offline, keys=args.keys, base_url=args.base_url))
     if args.command == "services":
         print("\n".join(sorted(installed)))
         return 0
