@@ -26,7 +26,7 @@ help: ## list the targets
 
 setup: servers-install deps protos ## install the test servers and Python deps, generate protobuf code
 
-servers-install: ## Debian packages, FerretDB, Elasticsearch, the FHIR peer (cached in ~/.cache/lucerna)
+servers-install: ## Debian packages, FerretDB, Elasticsearch, the FHIR peer, Fabric (cached in ~/.cache/lucerna)
 	bash infra/local/install.sh
 
 deps: ## uv and the workspace's Python packages

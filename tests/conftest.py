@@ -156,6 +156,17 @@ def fhir_peer(servers_dir: Path) -> Iterator[servers.FhirPeer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def fabric(servers_dir: Path) -> Iterator[servers.FabricNetwork]:
+    """A Hyperledger Fabric v2.5 network (one Raft orderer, peers of Org1MSP and Org2MSP, channel
+    ``lucerna``) with the anchors chaincode deployed as a service: ``.invoke(fn, *args)`` (endorsed
+    by both orgs, waits for the commit) and ``.query(fn, *args)`` as Org1's User1, ``.orgs`` (peer
+    addresses, TLS roots, identities), ``.orderer_address``, ``.channel``, ``.chaincode``."""
+    server = _start(lambda offset: servers.FabricNetwork(servers_dir, port_offset=offset))
+    yield server
+    server.stop()
+
+
 class LocalTriton:
     """The local Triton server (PyTriton: ``python -m lucerna.inference.local_triton``) over a model
     repository: ``.grpc_url`` (host:port), ``.http_url``, ``.stop()`` and ``.start()`` (down, then back)."""

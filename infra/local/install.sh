@@ -2,12 +2,12 @@
 # Installs what the integration tests need on a fresh Debian 12 machine: the Debian servers and
 # tools (RabbitMQ, Orthanc + DICOMweb, DCMTK, a JDK, Maven), FerretDB built from the Go module
 # proxy, Elasticsearch's integ-test zip from Maven Central, the FHIR peer (fhir-peer/, a HAPI FHIR
-# server built with Maven), and uv.
+# server built with Maven), the Hyperledger Fabric binaries built from the Go module proxy, and uv.
 #
 # Idempotent and quick on repeat: every step checks before it acts, and slow results are cached
 # outside the repository in ${LUCERNA_CACHE:-$HOME/.cache/lucerna}, keyed by version.
 #
-# Usage: install.sh [apt|ferretdb|elasticsearch|fhir-peer|uv]...   (no argument: all of them)
+# Usage: install.sh [apt|ferretdb|elasticsearch|fhir-peer|fabric|uv]...   (no argument: all of them)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -92,7 +92,7 @@ stop_package_services() {
     done
 }
 
-# ---- Go (only to build FerretDB) ---------------------------------------------------------------
+# ---- Go (to build FerretDB and Fabric) -------------------------------------------------------
 
 go_is_recent() {
     local version
@@ -247,6 +247,50 @@ install_fhir_peer() {
     printf '%s\n' "$hash" >"$dir/source.sha256"
 }
 
+# ---- Hyperledger Fabric ----------------------------------------------------------------------
+
+fabric_ok() {
+    local name
+    for name in peer orderer osnadmin configtxgen cryptogen; do
+        [ -x "$1/bin/$name" ] || return 1
+    done
+    [ -f "$1/sampleconfig/core.yaml" ] && [ -f "$1/sampleconfig/orderer.yaml" ] || return 1
+    "$1/bin/peer" version 2>/dev/null | grep -q "Version: $FABRIC_VERSION\$"
+}
+
+install_fabric() {
+    local dir="$cache/fabric-$FABRIC_VERSION" go work module_dir
+    fabric_ok "$dir" && return 0
+
+    grep -qx "require github.com/hyperledger/fabric $FABRIC_MODULE_VERSION" "$here/fabric/go.mod" ||
+        die "fabric: infra/local/fabric/go.mod does not require FABRIC_MODULE_VERSION=$FABRIC_MODULE_VERSION"
+    find_go
+    go="$go_bin"
+    new_scratch_dir
+    work="$scratch_dir"
+    log "fabric: building $FABRIC_VERSION ($FABRIC_COMMIT) with $go (about 2 minutes of 2 cores, cold)"
+    # Fabric's module path has no /v2, so the proxy knows its releases only as pseudo-versions of
+    # the release commits, and refuses `go install ...@version` (it reads the module's version
+    # list, which it does not serve). Build the commands as dependencies of a pinned module whose
+    # go.sum holds the hashes, as for FerretDB.
+    cp "$here/fabric/go.mod" "$here/fabric/go.sum" "$here/fabric/tools.go" "$work/"
+    mkdir -p "$work/out/bin"
+    (cd "$work" && GOTOOLCHAIN=local GOFLAGS=-mod=readonly CGO_ENABLED=0 "$go" build -trimpath \
+        -ldflags "-X github.com/hyperledger/fabric/common/metadata.Version=$FABRIC_VERSION -X github.com/hyperledger/fabric/common/metadata.CommitSHA=${FABRIC_COMMIT:0:12}" \
+        -o "$work/out/bin/" github.com/hyperledger/fabric/cmd/peer github.com/hyperledger/fabric/cmd/orderer \
+        github.com/hyperledger/fabric/cmd/osnadmin github.com/hyperledger/fabric/cmd/configtxgen \
+        github.com/hyperledger/fabric/cmd/cryptogen)
+    # The nodes' default configuration (core.yaml, orderer.yaml) comes with the module's source.
+    module_dir="$(cd "$work" && GOTOOLCHAIN=local GOFLAGS=-mod=readonly "$go" list -m -f '{{.Dir}}' github.com/hyperledger/fabric)"
+    [ -f "$module_dir/sampleconfig/core.yaml" ] || die "fabric: no sampleconfig in $module_dir"
+    cp -r "$module_dir/sampleconfig" "$work/out/sampleconfig"
+    chmod -R u+w "$work/out/sampleconfig"
+    mkdir -p "$cache"
+    rm -rf "$dir"
+    mv "$work/out" "$dir"
+    fabric_ok "$dir" || die "the Fabric binaries built in $dir do not report version $FABRIC_VERSION"
+}
+
 # ---- uv --------------------------------------------------------------------------------------
 
 install_uv() {
@@ -265,7 +309,7 @@ install_uv() {
 main() {
     local steps=("$@") step
     if [ "${#steps[@]}" -eq 0 ]; then
-        steps=(apt ferretdb elasticsearch fhir-peer uv)
+        steps=(apt ferretdb elasticsearch fhir-peer fabric uv)
     fi
     for step in "${steps[@]}"; do
         case "$step" in
@@ -273,8 +317,9 @@ main() {
             ferretdb) install_ferretdb ;;
             elasticsearch) install_elasticsearch ;;
             fhir-peer) install_fhir_peer ;;
+            fabric) install_fabric ;;
             uv) install_uv ;;
-            *) die "unknown step '$step' (apt, ferretdb, elasticsearch, fhir-peer, uv)" ;;
+            *) die "unknown step '$step' (apt, ferretdb, elasticsearch, fhir-peer, fabric, uv)" ;;
         esac
     done
 }

@@ -1,5 +1,5 @@
 """Real servers for the integration tests and for local work: RabbitMQ, Elasticsearch, FerretDB, Orthanc,
-and a FHIR peer (a hospital's own FHIR server, for publishing tests).
+a FHIR peer (a hospital's own FHIR server, for publishing tests) and a Hyperledger Fabric network.
 
 Each class runs one server as a child process in its own session, keeps its data, logs and pid file
 under ``<base_dir>/<name>``, and listens on loopback ports away from the servers' defaults so that
@@ -7,7 +7,7 @@ a developer's own servers do not collide. ``start()`` returns once the server an
 The binaries come from ``infra/local/install.sh``. Standard library only, so it runs before
 ``uv sync``::
 
-    python infra/local/servers.py start|stop|status [rabbitmq elasticsearch ferretdb orthanc fhir-peer]
+    python infra/local/servers.py start|stop|status [rabbitmq elasticsearch ferretdb orthanc fhir-peer fabric]
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import shutil
 import signal
 import socket
 import stat
+import string
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -841,8 +843,660 @@ class FhirPeer(Server):
         return status == 200
 
 
-SERVERS: dict[str, type[Server]] = {
-    cls.name: cls for cls in (RabbitMQ, Elasticsearch, FerretDB, Orthanc, FhirPeer)
+# -- Hyperledger Fabric ----------------------------------------------------------------------------
+
+FABRIC_NETWORK_DIR = REPO_ROOT / "infra" / "fabric" / "network"
+FABRIC_CHAINCODE_DIR = REPO_ROOT / "infra" / "fabric" / "chaincode"
+_FABRIC_COMMANDS = ("peer", "orderer", "osnadmin", "configtxgen", "cryptogen")
+
+
+class FabricError(ServerError):
+    """A Fabric command failed: the message carries the command's error output."""
+
+
+def fabric_home() -> Path:
+    """The Fabric binaries and sampleconfig install.sh built (keep in step with install.sh)."""
+    if os.environ.get("LUCERNA_FABRIC_HOME"):
+        return Path(os.environ["LUCERNA_FABRIC_HOME"])
+    return cache_dir() / f"fabric-{VERSIONS['FABRIC_VERSION']}"
+
+
+def _ops_healthy(port: int) -> bool:
+    """True when a Fabric node's operations endpoint says it is healthy."""
+    status, _body = _http_get(f"http://{LOOPBACK}:{port}/healthz")
+    return status == 200
+
+
+def _list_env(*paths: Path) -> str:
+    """A list setting in the form Fabric's configuration reads from an environment variable."""
+    return "[" + ",".join(str(path) for path in paths) + "]"
+
+
+class _FabricNode(Server):
+    """One process of the network; ``FabricNetwork`` writes the material it reads before a start."""
+
+    start_timeout = 60.0
+
+    def __init__(self, base_dir: Path, settings: Mapping[str, str], *, ports: tuple[int, ...]) -> None:
+        super().__init__(base_dir)
+        self._settings = dict(settings)
+        self._ports = ports
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return self._ports
+
+    def configure(self, **settings: str) -> None:
+        """Add environment settings for the next start."""
+        self._settings.update(settings)
+
+    def _environment(self) -> dict[str, str]:
+        # A developer's own CORE_/ORDERER_ settings would silently change the network.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CORE_", "ORDERER_", "FABRIC_"))}
+        env.update(self._settings)
+        return env
+
+    def _prepare(self) -> None:
+        (self.dir / "data").mkdir(exist_ok=True)
+
+
+class FabricOrderer(_FabricNode):
+    """The single Raft orderer, with the channel participation API on its admin port."""
+
+    name = "orderer"
+
+    def __init__(self, base_dir: Path, settings: Mapping[str, str], *, ports: tuple[int, ...]) -> None:
+        super().__init__(base_dir, settings, ports=ports)
+        self.port, self.admin_port, self.operations_port = ports
+
+    @property
+    def url(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [str(fabric_home() / "bin" / "orderer")]
+
+    def _is_ready(self) -> bool:
+        return _ops_healthy(self.operations_port)
+
+
+class FabricPeer(_FabricNode):
+    """A peer of one organisation (its folder: ``<network>/<org>/peer``)."""
+
+    name = "peer"
+
+    def __init__(self, base_dir: Path, settings: Mapping[str, str], *, ports: tuple[int, ...]) -> None:
+        super().__init__(base_dir, settings, ports=ports)
+        self.port, self.chaincode_port, self.operations_port = ports
+
+    @property
+    def url(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [str(fabric_home() / "bin" / "peer"), "node", "start"]
+
+    def _is_ready(self) -> bool:
+        return _ops_healthy(self.operations_port)
+
+
+class AnchorsChaincode(_FabricNode):
+    """The anchors chaincode as a service: one process that both peers dial."""
+
+    name = "chaincode"
+    binary_name = "anchors-cc"
+
+    def __init__(self, base_dir: Path, settings: Mapping[str, str], *, ports: tuple[int, ...]) -> None:
+        super().__init__(base_dir, settings, ports=ports)
+        (self.port,) = ports
+
+    @property
+    def url(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def _prepare(self) -> None:
+        if not (self.dir / self.binary_name).exists():
+            raise ServerError(f"{self.dir / self.binary_name} is missing: FabricNetwork builds it")
+
+    def _command(self) -> list[str]:
+        return [str(self.dir / self.binary_name)]
+
+    def _is_ready(self) -> bool:
+        with socket.create_connection((LOOPBACK, self.port), timeout=1):
+            return True
+
+
+@dataclass(frozen=True)
+class FabricOrg:
+    """What a client of one organisation needs: its MSP ID, its peer, TLS roots and identities."""
+
+    msp_id: str
+    domain: str
+    peer_address: str
+    crypto_dir: Path
+
+    @property
+    def peer_tls_root_cert(self) -> Path:
+        """The TLS CA certificate that signed the peer's TLS certificate."""
+        return self.crypto_dir / "tlsca" / f"tlsca.{self.domain}-cert.pem"
+
+    @property
+    def peer_host_name(self) -> str:
+        """The name in the peer's TLS certificate (127.0.0.1 is in it too)."""
+        return f"peer0.{self.domain}"
+
+    def msp_dir(self, user: str = "User1") -> Path:
+        """The MSP folder of one of the organisation's identities (``User1`` or ``Admin``)."""
+        return self.crypto_dir / "users" / f"{user}@{self.domain}" / "msp"
+
+    def certificate(self, user: str = "User1") -> Path:
+        """The identity's X.509 certificate (PEM)."""
+        return self.msp_dir(user) / "signcerts" / f"{user}@{self.domain}-cert.pem"
+
+    def private_key(self, user: str = "User1") -> Path:
+        """The identity's private key (PEM, PKCS #8)."""
+        return self.msp_dir(user) / "keystore" / "priv_sk"
+
+
+class FabricNetwork:
+    """A whole Fabric v2.5 network as processes: one Raft orderer, one peer for each of Org1MSP and
+    Org2MSP, channel ``lucerna``, and the anchors chaincode deployed as a service (approved by both
+    orgs; its endorsement policy is the channel default, MAJORITY of the two orgs, i.e. both).
+
+    Every ``start()`` builds a fresh network in ``<base_dir>/fabric`` (crypto, channel, ledgers);
+    there is no restart on the same ledger. ``invoke``/``query`` run the ``peer`` CLI as Org1's
+    User1. Started in about 7 s once the chaincode binary is in Go's build cache.
+    """
+
+    name = "fabric"
+    channel = "lucerna"
+    chaincode = "anchors"
+    chaincode_version = "1.0"
+    start_timeout = 240.0
+    stop_timeout = 30.0
+    admin_msp = "Org1MSP"
+
+    def __init__(self, base_dir: Path, *, port_offset: int = 0) -> None:
+        self.port_offset = port_offset
+        self.dir = Path(base_dir).resolve() / self.name
+        self.crypto_dir = self.dir / "crypto"
+        self.config_dir = self.dir / "config"
+        self.started_in: float | None = None
+        self.package_id: str | None = None
+        # Ten consecutive ports, each with its own last digit: a session on the next block (+10)
+        # never needs a port of this one.
+        p = 17050 + port_offset
+        self._orderer_ports = (p, p + 1, p + 2)
+        self._chaincode_ports = (p + 3,)
+        self._peer_ports = {"org1": (p + 4, p + 5, p + 6), "org2": (p + 7, p + 8, p + 9)}
+        orderer_org = self.crypto_dir / "ordererOrganizations" / "orderer.lucerna.test"
+        self._orderer_org = orderer_org
+        self.orderer_tls_root_cert = orderer_org / "tlsca" / "tlsca.orderer.lucerna.test-cert.pem"
+        self.orgs = {
+            org: FabricOrg(
+                f"Org{n}MSP",
+                f"{org}.lucerna.test",
+                f"{LOOPBACK}:{self._peer_ports[org][0]}",
+                self.crypto_dir / "peerOrganizations" / f"{org}.lucerna.test",
+            )
+            for n, org in ((1, "org1"), (2, "org2"))
+        }
+        self.orderer = FabricOrderer(self.dir, self._orderer_settings(), ports=self._orderer_ports)
+        self.peers = {
+            org: FabricPeer(self.dir / org, self._peer_settings(org), ports=self._peer_ports[org])
+            for org in self.orgs
+        }
+        self.chaincode_server = AnchorsChaincode(self.dir, {}, ports=self._chaincode_ports)
+
+    # -- what clients use ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Org1's peer (gRPC over TLS: root ``orgs['org1'].peer_tls_root_cert``)."""
+        return self.orgs["org1"].peer_address
+
+    @property
+    def orderer_address(self) -> str:
+        """The orderer's gRPC endpoint (TLS root ``orderer_tls_root_cert``)."""
+        return self.orderer.url
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """Every loopback port of the network."""
+        return (
+            *self._orderer_ports,
+            *self._chaincode_ports,
+            *self._peer_ports["org1"],
+            *self._peer_ports["org2"],
+        )
+
+    def invoke(self, function: str, *args: str) -> str:
+        """Submit a transaction endorsed by both peers and wait until it commits; the CLI's output.
+
+        ``FabricError`` carries the chaincode's message when an endorsement or the commit fails.
+        """
+        line = [
+            "chaincode",
+            "invoke",
+            *self._orderer_flags(),
+            "--channelID",
+            self.channel,
+            "--name",
+            self.chaincode,
+            "--ctor",
+            json.dumps({"Args": [function, *args]}),
+            "--waitForEvent",
+            *self._all_peers_flags(),
+        ]
+        result = self._cli(line, org="org1", user="User1")
+        return result.stdout + result.stderr
+
+    def query(self, function: str, *args: str, org: str = "org1") -> str:
+        """Evaluate a transaction on one org's peer (nothing is ordered); the result on stdout."""
+        line = [
+            "chaincode",
+            "query",
+            "--channelID",
+            self.channel,
+            "--name",
+            self.chaincode,
+            "--ctor",
+            json.dumps({"Args": [function, *args]}),
+        ]
+        return self._cli(line, org=org, user="User1").stdout
+
+    def client_environment(self, org: str = "org1", user: str = "User1") -> dict[str, str]:
+        """The environment under which the ``peer`` CLI acts as ``user`` of ``org`` on its peer."""
+        fabric_org = self.orgs[org]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CORE_", "ORDERER_", "FABRIC_"))}
+        env.update(
+            FABRIC_CFG_PATH=str(self.config_dir),
+            CORE_PEER_LOCALMSPID=fabric_org.msp_id,
+            CORE_PEER_MSPCONFIGPATH=str(fabric_org.msp_dir(user)),
+            CORE_PEER_ADDRESS=fabric_org.peer_address,
+            CORE_PEER_TLS_ENABLED="true",
+            CORE_PEER_TLS_ROOTCERT_FILE=str(fabric_org.peer_tls_root_cert),
+        )
+        return env
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> None:
+        """Generate the network, start its processes, create the channel and deploy the chaincode."""
+        if self.is_running():
+            raise ServerError(f"{self.name} already runs under {self.dir}; stop it first")
+        busy = [port for port in self.ports if not port_is_free(port)]
+        if busy:
+            raise ServerError(f"{self.name}: loopback port(s) {busy} already in use by another process")
+        began = time.monotonic()
+        deadline = began + (timeout if timeout is not None else self.start_timeout)
+        self._check_installed()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        build = self._start_chaincode_build()
+        try:
+            self._generate()
+            self.orderer.start()
+            self._osnadmin_join()
+            for peer in self.peers.values():
+                peer.start()
+            for org in self.orgs:
+                self._cli(["channel", "join", "--blockpath", str(self._channel_block)], org=org, user="Admin")
+            self._finish_chaincode_build(build)
+            self._deploy_chaincode(deadline)
+        except BaseException:
+            if build.poll() is None:
+                build.kill()
+                build.wait()
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - began
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the chaincode, the peers and the orderer; a stopped network is left alone."""
+        for node in (self.chaincode_server, *self.peers.values(), self.orderer):
+            node.stop(timeout if timeout is not None else self.stop_timeout)
+
+    def is_running(self) -> bool:
+        """True while any process of the network is alive."""
+        return any(node.is_running() for node in (self.orderer, *self.peers.values(), self.chaincode_server))
+
+    # -- how it is built ----------------------------------------------------------------------
+
+    @property
+    def _channel_block(self) -> Path:
+        return self.dir / f"{self.channel}.block"
+
+    @staticmethod
+    def _check_installed() -> None:
+        home = fabric_home()
+        missing = [name for name in _FABRIC_COMMANDS if not (home / "bin" / name).exists()]
+        if missing or not (home / "sampleconfig" / "core.yaml").exists():
+            raise ServerError(
+                f"Fabric is missing at {home} ({', '.join(missing) or 'sampleconfig'}): "
+                "run infra/local/install.sh fabric"
+            )
+        if shutil.which("go") is None:
+            raise ServerError("no go on PATH to build the anchors chaincode")
+
+    def _run(self, line: Sequence[str], *, env: Mapping[str, str] | None = None, what: str) -> str:
+        try:
+            result = subprocess.run(  # noqa: S603 -- fixed Fabric command lines built here
+                list(line),
+                env=dict(env) if env is not None else None,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                cwd=self.dir,
+            )
+        except subprocess.TimeoutExpired:
+            raise FabricError(f"{what} did not finish within 120 s") from None
+        if result.returncode != 0:
+            raise FabricError(f"{what} failed (exit {result.returncode}):\n{result.stderr or result.stdout}")
+        return result.stdout
+
+    def _generate(self) -> None:
+        """Crypto material (cryptogen), the node configuration and the channel's genesis block."""
+        bin_dir = fabric_home() / "bin"
+        self._run(
+            [
+                str(bin_dir / "cryptogen"),
+                "generate",
+                f"--config={FABRIC_NETWORK_DIR / 'crypto-config.yaml'}",
+                f"--output={self.crypto_dir}",
+            ],
+            what="cryptogen",
+        )
+        self.config_dir.mkdir()
+        sample = fabric_home() / "sampleconfig"
+        shutil.copy(sample / "orderer.yaml", self.config_dir / "orderer.yaml")
+        core = (sample / "core.yaml").read_text()
+        # The peers build chaincode packages with our ccaas builder (no Docker, no sampleconfig path).
+        builder_line = "path: /opt/hyperledger/ccaas_builder"
+        if builder_line not in core:
+            raise ServerError(f"{sample / 'core.yaml'} no longer names the ccaas builder as expected")
+        core = core.replace(builder_line, f"path: {FABRIC_NETWORK_DIR / 'ccaas-builder'}")
+        # No Docker: an empty vm.endpoint keeps the peer from using it and from reporting itself
+        # unhealthy for want of it (an empty CORE_VM_ENDPOINT is ignored by Fabric's viper).
+        docker_line = "endpoint: unix:///var/run/docker.sock"
+        if core.count(docker_line) != 1:
+            raise ServerError(f"{sample / 'core.yaml'} no longer names the Docker endpoint as expected")
+        core = core.replace(docker_line, 'endpoint: ""')
+        (self.config_dir / "core.yaml").write_text(core)
+        configtx = string.Template((FABRIC_NETWORK_DIR / "configtx.yaml").read_text()).substitute(
+            orderer_port=self._orderer_ports[0],
+            org1_peer_port=self._peer_ports["org1"][0],
+            org2_peer_port=self._peer_ports["org2"][0],
+        )
+        # configtxgen resolves the MSP paths relative to configtx.yaml: it sits beside crypto/.
+        (self.dir / "configtx.yaml").write_text(configtx)
+        self._run(
+            [
+                str(bin_dir / "configtxgen"),
+                "-configPath",
+                str(self.dir),
+                "-profile",
+                "LucernaChannel",
+                "-channelID",
+                self.channel,
+                "-outputBlock",
+                str(self._channel_block),
+            ],
+            env={**os.environ, "FABRIC_CFG_PATH": str(self.dir)},
+            what="configtxgen",
+        )
+
+    def _orderer_settings(self) -> dict[str, str]:
+        node = self._orderer_org / "orderers" / "orderer.orderer.lucerna.test"
+        tls = node / "tls"
+        port, admin_port, operations_port = self._orderer_ports
+        data = self.dir / "orderer" / "data"
+        return {
+            "FABRIC_CFG_PATH": str(self.config_dir),
+            "FABRIC_LOGGING_SPEC": "INFO",
+            "ORDERER_GENERAL_LISTENADDRESS": LOOPBACK,
+            "ORDERER_GENERAL_LISTENPORT": str(port),
+            "ORDERER_GENERAL_LOCALMSPID": "OrdererMSP",
+            "ORDERER_GENERAL_LOCALMSPDIR": str(node / "msp"),
+            "ORDERER_GENERAL_TLS_ENABLED": "true",
+            "ORDERER_GENERAL_TLS_PRIVATEKEY": str(tls / "server.key"),
+            "ORDERER_GENERAL_TLS_CERTIFICATE": str(tls / "server.crt"),
+            "ORDERER_GENERAL_TLS_ROOTCAS": _list_env(tls / "ca.crt"),
+            "ORDERER_GENERAL_CLUSTER_CLIENTCERTIFICATE": str(tls / "server.crt"),
+            "ORDERER_GENERAL_CLUSTER_CLIENTPRIVATEKEY": str(tls / "server.key"),
+            "ORDERER_GENERAL_CLUSTER_ROOTCAS": _list_env(tls / "ca.crt"),
+            # No system channel: channels are joined through the admin API (osnadmin).
+            "ORDERER_GENERAL_BOOTSTRAPMETHOD": "none",
+            "ORDERER_CHANNELPARTICIPATION_ENABLED": "true",
+            "ORDERER_ADMIN_LISTENADDRESS": f"{LOOPBACK}:{admin_port}",
+            "ORDERER_ADMIN_TLS_ENABLED": "true",
+            "ORDERER_ADMIN_TLS_PRIVATEKEY": str(tls / "server.key"),
+            "ORDERER_ADMIN_TLS_CERTIFICATE": str(tls / "server.crt"),
+            "ORDERER_ADMIN_TLS_ROOTCAS": _list_env(tls / "ca.crt"),
+            "ORDERER_ADMIN_TLS_CLIENTAUTHREQUIRED": "true",
+            "ORDERER_ADMIN_TLS_CLIENTROOTCAS": _list_env(tls / "ca.crt"),
+            "ORDERER_FILELEDGER_LOCATION": str(data / "ledger"),
+            "ORDERER_CONSENSUS_WALDIR": str(data / "etcdraft" / "wal"),
+            "ORDERER_CONSENSUS_SNAPDIR": str(data / "etcdraft" / "snapshot"),
+            "ORDERER_OPERATIONS_LISTENADDRESS": f"{LOOPBACK}:{operations_port}",
+            "ORDERER_METRICS_PROVIDER": "disabled",
+        }
+
+    def _peer_settings(self, org: str) -> dict[str, str]:
+        domain = f"{org}.lucerna.test"
+        node = self.crypto_dir / "peerOrganizations" / domain / "peers" / f"peer0.{domain}"
+        port, chaincode_port, operations_port = self._peer_ports[org]
+        data = self.dir / org / "peer" / "data"
+        address = f"{LOOPBACK}:{port}"
+        return {
+            "FABRIC_CFG_PATH": str(self.config_dir),
+            "FABRIC_LOGGING_SPEC": "INFO",
+            "CORE_PEER_ID": f"peer0.{domain}",
+            "CORE_PEER_LOCALMSPID": f"Org{org[-1]}MSP",
+            "CORE_PEER_MSPCONFIGPATH": str(node / "msp"),
+            "CORE_PEER_LISTENADDRESS": address,
+            "CORE_PEER_ADDRESS": address,
+            "CORE_PEER_CHAINCODELISTENADDRESS": f"{LOOPBACK}:{chaincode_port}",
+            "CORE_PEER_CHAINCODEADDRESS": f"{LOOPBACK}:{chaincode_port}",
+            "CORE_PEER_GOSSIP_BOOTSTRAP": address,
+            "CORE_PEER_GOSSIP_EXTERNALENDPOINT": address,
+            "CORE_PEER_TLS_ENABLED": "true",
+            "CORE_PEER_TLS_CERT_FILE": str(node / "tls" / "server.crt"),
+            "CORE_PEER_TLS_KEY_FILE": str(node / "tls" / "server.key"),
+            "CORE_PEER_TLS_ROOTCERT_FILE": str(node / "tls" / "ca.crt"),
+            "CORE_PEER_FILESYSTEMPATH": str(data / "ledger"),
+            "CORE_LEDGER_SNAPSHOTS_ROOTDIR": str(data / "snapshots"),
+            "CORE_OPERATIONS_LISTENADDRESS": f"{LOOPBACK}:{operations_port}",
+            "CORE_METRICS_PROVIDER": "disabled",
+        }
+
+    def _orderer_flags(self) -> list[str]:
+        return [
+            "--orderer",
+            self.orderer_address,
+            "--ordererTLSHostnameOverride",
+            "orderer.orderer.lucerna.test",
+            "--tls",
+            "--cafile",
+            str(self.orderer_tls_root_cert),
+        ]
+
+    def _all_peers_flags(self) -> list[str]:
+        flags = []
+        for org in self.orgs.values():
+            flags += ["--peerAddresses", org.peer_address, "--tlsRootCertFiles", str(org.peer_tls_root_cert)]
+        return flags
+
+    def _cli(self, args: Sequence[str], *, org: str, user: str) -> subprocess.CompletedProcess[str]:
+        line = [str(fabric_home() / "bin" / "peer"), *args]
+        try:
+            result = subprocess.run(  # noqa: S603 -- fixed peer CLI command lines built here
+                line,
+                env=self.client_environment(org, user),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                cwd=self.dir,
+            )
+        except subprocess.TimeoutExpired:
+            raise FabricError(
+                f"peer {' '.join(args[:2])} as {user}@{org} did not finish within 120 s"
+            ) from None
+        if result.returncode != 0:
+            raise FabricError(
+                f"peer {' '.join(args[:2])} as {user}@{org} failed (exit {result.returncode}):\n"
+                f"{result.stderr or result.stdout}"
+            )
+        return result
+
+    def _osnadmin_join(self) -> None:
+        admin_tls = self._orderer_org / "users" / "Admin@orderer.lucerna.test" / "tls"
+        self._run(
+            [
+                str(fabric_home() / "bin" / "osnadmin"),
+                "channel",
+                "join",
+                "--channelID",
+                self.channel,
+                "--config-block",
+                str(self._channel_block),
+                "--orderer-address",
+                f"{LOOPBACK}:{self.orderer.admin_port}",
+                "--ca-file",
+                str(self.orderer_tls_root_cert),
+                "--client-cert",
+                str(admin_tls / "client.crt"),
+                "--client-key",
+                str(admin_tls / "client.key"),
+            ],
+            what="osnadmin channel join",
+        )
+
+    def _start_chaincode_build(self) -> subprocess.Popen[bytes]:
+        """``go build`` of the chaincode, run while the nodes start."""
+        self.chaincode_server.dir.mkdir(parents=True)
+        log = (self.chaincode_server.dir / "build.log").open("wb")
+        with log:
+            return subprocess.Popen(  # noqa: S603 -- fixed go build command line
+                [
+                    shutil.which("go") or "go",
+                    "build",
+                    "-mod=readonly",
+                    "-trimpath",
+                    "-o",
+                    str(self.chaincode_server.dir / AnchorsChaincode.binary_name),
+                    ".",
+                ],
+                cwd=FABRIC_CHAINCODE_DIR,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def _finish_chaincode_build(self, build: subprocess.Popen[bytes]) -> None:
+        try:
+            status = build.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            build.kill()
+            build.wait()
+            status = -1
+        if status != 0:
+            log = (self.chaincode_server.dir / "build.log").read_text(errors="replace")
+            raise FabricError(f"go build of the anchors chaincode failed (exit {status}):\n{log}")
+
+    def _package(self) -> Path:
+        """The ccaas package: metadata.json and code.tar.gz holding connection.json (our server)."""
+        work = self.dir / "package"
+        work.mkdir()
+        connection = {"address": self.chaincode_server.url, "dial_timeout": "10s", "tls_required": False}
+        (work / "connection.json").write_text(json.dumps(connection))
+        (work / "metadata.json").write_text(json.dumps({"type": "ccaas", "label": self._label}))
+        with tarfile.open(work / "code.tar.gz", "w:gz") as code:
+            code.add(work / "connection.json", arcname="connection.json")
+        package = self.dir / f"{self._label}.tar.gz"
+        with tarfile.open(package, "w:gz") as archive:
+            archive.add(work / "metadata.json", arcname="metadata.json")
+            archive.add(work / "code.tar.gz", arcname="code.tar.gz")
+        return package
+
+    @property
+    def _label(self) -> str:
+        return f"{self.chaincode}_{self.chaincode_version}"
+
+    def _deploy_chaincode(self, deadline: float) -> None:
+        """Install on both peers, start the server, approve for both orgs, commit, wait for answers."""
+        package = self._package()
+        package_id = self._cli(
+            ["lifecycle", "chaincode", "calculatepackageid", str(package)], org="org1", user="Admin"
+        ).stdout.strip()
+        self.package_id = package_id
+        self.chaincode_server.configure(
+            CHAINCODE_ID=package_id,
+            CHAINCODE_SERVER_ADDRESS=self.chaincode_server.url,
+            ANCHORS_ADMIN_MSP=self.admin_msp,
+        )
+        self.chaincode_server.start()
+        for org in self.orgs:
+            self._cli(["lifecycle", "chaincode", "install", str(package)], org=org, user="Admin")
+        definition = [
+            "--channelID",
+            self.channel,
+            "--name",
+            self.chaincode,
+            "--version",
+            self.chaincode_version,
+            "--sequence",
+            "1",
+        ]
+        for org in self.orgs:
+            self._cli(
+                [
+                    "lifecycle",
+                    "chaincode",
+                    "approveformyorg",
+                    *self._orderer_flags(),
+                    *definition,
+                    "--package-id",
+                    package_id,
+                ],
+                org=org,
+                user="Admin",
+            )
+        self._cli(
+            [
+                "lifecycle",
+                "chaincode",
+                "commit",
+                *self._orderer_flags(),
+                *definition,
+                *self._all_peers_flags(),
+            ],
+            org="org1",
+            user="Admin",
+        )
+        # The chaincode answers once both peers have the definition and have dialled the server:
+        # "not found" for an origin never anchored is the contract's own answer.
+        probe = "lucerna.local/fabric-readiness-probe"
+        while True:
+            failures = []
+            for org in self.orgs:
+                try:
+                    self.query("Latest", probe, org=org)
+                except FabricError as error:
+                    if "not found" not in str(error):
+                        failures.append(str(error))
+            if not failures:
+                return
+            if time.monotonic() > deadline:
+                raise FabricError("the anchors chaincode does not answer:\n" + "\n".join(failures))
+            time.sleep(0.5)
+
+
+SERVERS: dict[str, type[Server] | type[FabricNetwork]] = {
+    cls.name: cls for cls in (RabbitMQ, Elasticsearch, FerretDB, Orthanc, FhirPeer, FabricNetwork)
 }
 
 

@@ -25,13 +25,13 @@ SUPERVISOR = textwrap.dedent(
     folder, dies = Path(sys.argv[1]), {int(i) for i in sys.argv[2:]}
 
     def run(index: int) -> None:
-        (folder / f"{index}.started").write_text(str(os.getpid()))
-        if index in dies:
-            sys.exit(7)
         def stop(*_):
             (folder / f"{index}.stopped").touch()
             sys.exit(0)
-        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGTERM, stop)  # before "started": a SIGTERM after it finds the handler
+        (folder / f"{index}.started").write_text(str(os.getpid()))
+        if index in dies:
+            sys.exit(7)
         while True:
             time.sleep(0.05)
 
