@@ -16,13 +16,13 @@ doc values (no length limit applies), so a search answers without asking the sto
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, TransportError
+from elasticsearch import AsyncElasticsearch, BadRequestError
 
+from lucerna.core.storage.elastic import answers
 from lucerna.fhir.store import (
     Criterion,
     DateComparator,
@@ -97,15 +97,8 @@ class ElasticResourceIndex:
             self._client = None
 
     async def ping(self) -> bool:
-        """True when the cluster answers (``GET /`` is absent from minimal builds, so ask its health)."""
-        if self._client is None:
-            return False
-        try:
-            async with asyncio.timeout(3):
-                await self._client.cluster.health(timeout="2s")
-        except (ApiError, TransportError, TimeoutError):
-            return False
-        return True
+        """True when the cluster answers within three seconds."""
+        return await answers(self._client)
 
     async def index(self, items: Sequence[tuple[StoredResource, IndexEntries]]) -> None:
         """Index each version unless a newer one is (one bulk request, returning once searchable)."""

@@ -30,6 +30,19 @@ from lucerna.core.storage.ports import DicomJson, Query
 
 log = logging.getLogger(__name__)
 
+
+async def answers(client: AsyncElasticsearch | None, within: float = 3.0) -> bool:
+    """True when the cluster behind ``client`` answers within ``within`` seconds (``GET /`` is absent
+    from minimal builds, so ask its health)."""
+    if client is None:
+        return False
+    try:
+        async with asyncio.timeout(within):
+            await client.cluster.health(timeout="2s")
+    except (ApiError, TransportError, TimeoutError):
+        return False
+    return True
+
 # The study attributes a document keeps for matching: those the study-level JSON carries.
 _MATCHED = tuple(kw for kw in STUDY_ATTRIBUTES if _qido.NATURAL_LEVEL.get(kw) == "study")
 # Bumped when documents gain what queries rely on: an older index is only searched for names and
@@ -123,15 +136,8 @@ class ElasticSearchIndex:
             self._client = None
 
     async def ping(self) -> bool:
-        """True when the cluster answers (``GET /`` is absent from minimal builds, so ask its health)."""
-        if self._client is None:
-            return False
-        try:
-            async with asyncio.timeout(3):
-                await self._client.cluster.health(timeout="2s")
-        except (ApiError, TransportError, TimeoutError):
-            return False
-        return True
+        """True when the cluster answers within three seconds."""
+        return await answers(self._client)
 
     async def index_studies(self, studies: Sequence[DicomJson]) -> None:
         """Add, replace or drop (tombstones) study documents in one bulk request, which returns once
