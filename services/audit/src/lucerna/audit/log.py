@@ -25,17 +25,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from pymongo import DESCENDING, AsyncMongoClient
+from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from lucerna.audit import merkle
 from lucerna.audit.checkpoints import CheckpointError, SignedCheckpoint
 from lucerna.audit.merkle import Address
-from lucerna.core.storage.mongo import answers
-from lucerna.core.storage.sqlite import SqliteDatabase
-
-Document = dict[str, Any]
+from lucerna.core.storage.backing import Document, MongoBacked, SqliteBacked
 
 
 @dataclass(frozen=True)
@@ -186,25 +183,17 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """
 
 
-class SqliteAuditLog:
+class SqliteAuditLog(SqliteBacked):
     """The ``AuditLog`` in one SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        self._db = SqliteDatabase(path, _SCHEMA)
+        super().__init__(path, _SCHEMA)
 
     async def start(self) -> None:
         """Open the file, create the tables, and make every commit synced to disk."""
-        await self._db.start()
+        await super().start()
         # The writer thread keeps this one connection; only it writes.
         await self._db.script("PRAGMA synchronous = FULL")
-
-    async def close(self) -> None:
-        """Stop the threads and close the connections."""
-        await self._db.close()
-
-    async def ping(self) -> bool:
-        """True when the file answers a query."""
-        return await self._db.ping()
 
     async def append(self, entries: Sequence[LogEntry]) -> list[Appended]:
         """One transaction for the batch (see ``AuditLog.append``)."""
@@ -359,7 +348,7 @@ LEASE_SECONDS = 10.0  # far longer than one batch takes
 _WAIT_SECONDS = 30.0  # how long an append waits for another process's lease
 
 
-class MongoAuditLog:
+class MongoAuditLog(MongoBacked):
     """The ``AuditLog`` in a MongoDB (or FerretDB v1) database, reading only by ``_id``.
 
     Collections: ``audit_entries`` (``_id`` = seq), ``audit_keys`` (``_id`` = idempotency key,
@@ -378,30 +367,11 @@ class MongoAuditLog:
     """
 
     def __init__(self, url: str, database: str) -> None:
-        self._url = url
-        self._database = database
-        self._client: AsyncMongoClient[Document] | None = None
+        super().__init__(url, database)  # collections need no index beyond ``_id``
         self._turn = asyncio.Lock()  # this process's appenders take turns before contending for the lease
 
     def _named(self, name: str) -> AsyncCollection[Document]:
-        if self._client is None:
-            raise RuntimeError("the MongoDB audit log is not started")
-        return self._client[self._database][f"audit_{name}"]
-
-    async def start(self) -> None:
-        """Connect (collections need no index beyond ``_id``)."""
-        if self._client is None:
-            self._client = AsyncMongoClient(self._url, tz_aware=True)
-
-    async def close(self) -> None:
-        """Close the connections."""
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    async def ping(self) -> bool:
-        """True when the server answers within three seconds."""
-        return await answers(self._client)
+        return self.collection(f"audit_{name}")
 
     async def append(self, entries: Sequence[LogEntry]) -> list[Appended]:
         """Under the lease (see the class docstring)."""

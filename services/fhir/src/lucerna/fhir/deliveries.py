@@ -31,7 +31,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from lucerna.fhir.backing import Document, MongoBacked, SqliteBacked
+from lucerna.core.storage.backing import Document, MongoBacked, SqliteBacked
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Protocol
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from lucerna.fhir.backing import Document, MongoBacked, SqliteBacked
+from lucerna.core.storage.backing import Document, MongoBacked, SqliteBacked
 
 MAX_TRIES = 100  # numbers tried before giving up: only as many processes as race for one can be ahead
 

@@ -29,7 +29,7 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from lucerna.fhir.backing import Document, MongoBacked
+from lucerna.core.storage.backing import Document, MongoBacked
 from lucerna.fhir.store import ResourceWrite, StoredResource, WriteOutcome
 from lucerna.fhir.versions import body_with_meta, check_if_match, milliseconds_ceiling, next_version
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lucerna.fhir.backing import SqliteBacked
+from lucerna.core.storage.backing import SqliteBacked
 from lucerna.fhir.store import (
     Criterion,
     DateComparator,

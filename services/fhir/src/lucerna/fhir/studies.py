@@ -17,8 +17,8 @@ from typing import Protocol
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
+from lucerna.core.storage.backing import Document, MongoBacked, SqliteBacked
 from lucerna.events.v1 import events_pb2
-from lucerna.fhir.backing import Document, MongoBacked, SqliteBacked
 
 
 class StudyStore(Protocol):

@@ -1,4 +1,4 @@
-"""What the FHIR service's stores share: a connection to one MongoDB database, or one SQLite file,
+"""What a service's small stores share: a connection to one MongoDB database, or one SQLite file,
 opened on ``start``, closed on ``close`` and checked by ``ping``."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ Document = dict[str, Any]
 
 
 class MongoBacked:
-    """A store in collections of one MongoDB database (``fhir_``-prefixed by its users)."""
+    """A store in collections of one MongoDB database (prefixed with its service's name by its users)."""
 
     def __init__(self, url: str, database: str) -> None:
         self._url = url
