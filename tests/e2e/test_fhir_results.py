@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import hashlib
 import http.server
 import json
 import subprocess
@@ -252,25 +253,26 @@ async def test_the_published_report_is_in_the_audit_log_under_a_signed_checkpoin
     keys = (await asyncio.to_thread(httpx.get, f"{platform.base_url}/.well-known/lucerna-audit-keys")).json()
     trusted = parse_public_keys(keys["keys"])
 
-    # The publication's audit record, found by its message id among the log's entries.
+    # The publication's audit record, found by its message id, once a signed checkpoint covers it.
     deadline = time.monotonic() + 30
     while True:
         note = await asyncio.to_thread(httpx.get, f"{platform.base_url}/api/audit/checkpoints/latest")
         checkpoint = verify(note.text, trusted, origin=keys["origin"]) if note.status_code == 200 else None
-        entries = (
-            [await asyncio.to_thread(audit_entry, platform, seq) for seq in range(checkpoint.size)]
-            if checkpoint
-            else []
-        )
-        published = [e for e in entries if e["key"] == f"audit-result-published:{job_id}"]
-        if published:
+        entry = await asyncio.to_thread(audit_entry, platform, f"audit-result-published:{job_id}")
+        if checkpoint is not None and entry is not None and entry["seq"] < checkpoint.size:
             break
         assert time.monotonic() < deadline, "the publication's audit record is not under a checkpoint"
         await asyncio.sleep(0.5)
-    [entry] = published
     assert entry["record"]["sha256"] == canonical_sha256(served)
-    stored = [e for e in entries if e["record"].get("study_instance_uid") == chest.study_uid]
-    assert sum(e["record"]["action"] == "INSTANCE_STORED" for e in stored) == len(chest.instances)
+    for instance in chest.instances:  # each stored instance, by its SOP UID and the SHA-256 of its bytes
+        sop = pydicom.dcmread(BytesIO(instance)).SOPInstanceUID
+        key = f"instance-stored:{sop}:{hashlib.sha256(instance).hexdigest()}"
+        stored = await asyncio.to_thread(audit_entry, platform, key)
+        assert stored is not None, key
+        assert (stored["record"]["action"], stored["record"]["study_instance_uid"]) == (
+            "INSTANCE_STORED",
+            chest.study_uid,
+        )
 
     proof = (
         await asyncio.to_thread(
@@ -285,8 +287,11 @@ async def test_the_published_report_is_in_the_audit_log_under_a_signed_checkpoin
     )
 
 
-def audit_entry(platform: LucernaProcess, seq: int) -> dict[str, Any]:
-    response = httpx.get(f"{platform.base_url}/api/audit/entries/{seq}", timeout=10)
+def audit_entry(platform: LucernaProcess, key: str) -> dict[str, Any] | None:
+    """The audit log entry of an event's message id, or None while there is none."""
+    response = httpx.get(f"{platform.base_url}/api/audit/entries", params={"key": key}, timeout=10)
+    if response.status_code == 404:
+        return None
     response.raise_for_status()
     entry: dict[str, Any] = response.json()
     return entry
