@@ -84,14 +84,12 @@ class Publisher:
         """Keep the study's facts; write its Patient, ImagingStudy and Endpoint (a new version of
         the ImagingStudy when the burst added instances)."""
         ready = codec.decode(envelope, events_pb2.StudyReady)
+        if not await self.studies.put(ready):
+            return  # a later burst is kept already; its resources are the current ones
         if not ready.patient_id:
             # No patient to file it under; the result of such a study is refused the same way.
             log.warning("study %s has no PatientID; no ImagingStudy is published", ready.study_instance_uid)
-            await self.studies.put(ready)
             return
-        kept = await self.studies.put(ready)
-        if not kept:
-            return  # a later burst is kept already; its resources are the current ones
         facts = self._facts(ready)
         try:
             resources = imaging_resources(facts, self.settings)
