@@ -34,7 +34,7 @@ deps: ## uv and the workspace's Python packages
 	$(UV) sync $(UV_FLAGS)
 
 protos: deps ## generate the Python code for protos/ into services/core/src
-	$(RUN) python -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) $(PROTOS)
+	$(RUN) python -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) $(PROTOS)
 
 lint: protos ## ruff on everything, mypy on the services' packages
 	$(RUN) ruff check .
