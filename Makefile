@@ -40,8 +40,9 @@ lint: protos ## ruff on everything, mypy on the services' packages
 	$(RUN) ruff check .
 	$(RUN) mypy $(MYPY_PACKAGES)
 
-test: setup lint ## the whole suite: the Go chaincode's tests, then unit, integration (real servers), e2e
+test: setup lint ## the whole suite: the Go chaincode's and anchor service's tests, then unit, integration (real servers), e2e
 	bash infra/fabric/chaincode/test.sh
+	bash services/anchor/test.sh
 	$(RUN) pytest $(TEST_PATHS)
 
 up: deps protos ## run the whole platform on this machine with embedded defaults

@@ -167,6 +167,17 @@ def fabric(servers_dir: Path) -> Iterator[servers.FabricNetwork]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def anchor_service(servers_dir: Path, fabric: servers.FabricNetwork) -> Iterator[servers.AnchorService]:
+    """The anchor service (services/anchor, gRPC ``lucerna.anchoring.v1.Anchors``, plaintext) on the
+    session's Fabric network as Org1's User1 (the chaincode's admin MSP): ``.address`` (host:port)
+    and ``.token`` (every call needs metadata ``authorization: Bearer <token>``). Started once both
+    orgs' peers endorse through the Fabric Gateway."""
+    server = _start(lambda offset: servers.AnchorService(servers_dir, fabric, port_offset=offset))
+    yield server
+    server.stop()
+
+
 class LocalTriton:
     """The local Triton server (PyTriton: ``python -m lucerna.inference.local_triton``) over a model
     repository: ``.grpc_url`` (host:port), ``.http_url``, ``.stop()`` and ``.start()`` (down, then back)."""

@@ -1,5 +1,6 @@
 """Real servers for the integration tests and for local work: RabbitMQ, Elasticsearch, FerretDB, Orthanc,
-a FHIR peer (a hospital's own FHIR server, for publishing tests) and a Hyperledger Fabric network.
+a FHIR peer (a hospital's own FHIR server, for publishing tests), a Hyperledger Fabric network and
+the anchor service on it.
 
 Each class runs one server as a child process in its own session, keeps its data, logs and pid file
 under ``<base_dir>/<name>``, and listens on loopback ports away from the servers' defaults so that
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -1302,6 +1304,11 @@ class FabricNetwork:
             "CORE_PEER_CHAINCODEADDRESS": f"{LOOPBACK}:{chaincode_port}",
             "CORE_PEER_GOSSIP_BOOTSTRAP": address,
             "CORE_PEER_GOSSIP_EXTERNALENDPOINT": address,
+            # The first peer to join the channel dials the other org's anchor peer before that one
+            # has joined and trusts its TLS CA, and fails; gossip retries after this interval (25 s
+            # by default). Until the peers have met, discovery (the Fabric Gateway's endorsement
+            # plan) knows no peer of the other org.
+            "CORE_PEER_GOSSIP_RECONNECTINTERVAL": "1s",
             "CORE_PEER_TLS_ENABLED": "true",
             "CORE_PEER_TLS_CERT_FILE": str(node / "tls" / "server.crt"),
             "CORE_PEER_TLS_KEY_FILE": str(node / "tls" / "server.key"),
@@ -1493,6 +1500,141 @@ class FabricNetwork:
             if time.monotonic() > deadline:
                 raise FabricError("the anchors chaincode does not answer:\n" + "\n".join(failures))
             time.sleep(0.5)
+
+
+ANCHOR_SERVICE_DIR = REPO_ROOT / "services" / "anchor"
+
+
+def anchor_service_binary() -> Path:
+    """The ``lucerna-anchor`` binary built from the current sources of services/anchor, built on
+    first use: cached under ``<cache>/anchor/<hash of the sources>`` so a repeat run reuses it and
+    a changed source builds anew. Modules come from GOPROXY, checked against the committed go.sum."""
+    sources = sorted(
+        path
+        for path in ANCHOR_SERVICE_DIR.rglob("*")
+        if path.is_file() and (path.suffix == ".go" or path.name in ("go.mod", "go.sum"))
+    )
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(f"{path.relative_to(ANCHOR_SERVICE_DIR)}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    binary = cache_dir() / "anchor" / digest.hexdigest()[:16] / "lucerna-anchor"
+    if binary.exists():
+        return binary
+    go = shutil.which("go")
+    if go is None:
+        raise ServerError("no go on PATH to build the anchor service (services/anchor)")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: a concurrent session never runs a half-written file.
+    partial = binary.with_name(f".lucerna-anchor.{os.getpid()}")
+    env = {**os.environ, "GOFLAGS": "-mod=readonly", "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "auto")}
+    try:
+        result = subprocess.run(  # noqa: S603 -- fixed go build command line
+            [go, "build", "-trimpath", "-o", str(partial), "./cmd/lucerna-anchor"],
+            cwd=ANCHOR_SERVICE_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ServerError("go build of the anchor service did not finish within 600 s") from None
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise ServerError(
+            f"go build of the anchor service failed (exit {result.returncode}):\n{result.stderr}"
+        )
+    partial.replace(binary)
+    return binary
+
+
+class AnchorService(Server):
+    """The anchor service (services/anchor, gRPC ``lucerna.anchoring.v1.Anchors``) on a running
+    ``FabricNetwork``, as ``user`` of ``org`` (Org1's User1 by default: Org1MSP is the chaincode's
+    admin MSP, so it may register log keys), requiring ``token`` as a bearer token on every call.
+
+    ``start()`` returns once the service can anchor: its health service says the Fabric Gateway
+    has both orgs' peers endorse (gossip and discovery done), which is what a submit needs.
+    """
+
+    name = "anchor"
+    start_timeout = 60.0
+    stop_timeout = 30.0
+    base_port = 18095
+
+    def __init__(
+        self,
+        base_dir: Path,
+        fabric: FabricNetwork,
+        *,
+        port_offset: int = 0,
+        token: str | None = None,
+        org: str = "org1",
+        user: str = "User1",
+    ) -> None:
+        super().__init__(base_dir, port_offset=port_offset)
+        self.fabric = fabric
+        self.port = self.base_port + port_offset
+        self.token = token if token is not None else secrets.token_urlsafe(32)
+        self.org = org
+        self.user = user
+        self._binary: Path | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port of the gRPC server (plaintext, loopback)."""
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.address
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    def _prepare(self) -> None:
+        self._binary = anchor_service_binary()
+
+    def _command(self) -> list[str]:
+        if self._binary is None:
+            raise ServerError("the anchor service's binary is not built: _prepare builds it")
+        return [str(self._binary)]
+
+    def _environment(self) -> dict[str, str]:
+        org = self.fabric.orgs[self.org]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LUCERNA_ANCHOR_")}
+        env.update(
+            LUCERNA_ANCHOR_LISTEN=self.address,
+            LUCERNA_ANCHOR_TOKEN=self.token,
+            LUCERNA_ANCHOR_PEER_ENDPOINT=org.peer_address,
+            LUCERNA_ANCHOR_PEER_TLS_ROOT_CERT=str(org.peer_tls_root_cert),
+            LUCERNA_ANCHOR_PEER_HOST_OVERRIDE=org.peer_host_name,
+            LUCERNA_ANCHOR_MSP_ID=org.msp_id,
+            LUCERNA_ANCHOR_CERT=str(org.certificate(self.user)),
+            LUCERNA_ANCHOR_KEYSTORE=str(org.msp_dir(self.user) / "keystore"),
+            LUCERNA_ANCHOR_CHANNEL=self.fabric.channel,
+            LUCERNA_ANCHOR_CHAINCODE=self.fabric.chaincode,
+        )
+        return env
+
+    def can_anchor(self) -> bool:
+        """True when the running service says Fabric would endorse a transaction now (its health)."""
+        binary = self._binary or anchor_service_binary()
+        try:
+            probe = subprocess.run(  # noqa: S603 -- our own binary's health subcommand
+                [str(binary), "health", "-addr", self.address, "-timeout", "1s"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return probe.returncode == 0
+
+    def _is_ready(self) -> bool:
+        return self.can_anchor()
 
 
 SERVERS: dict[str, type[Server] | type[FabricNetwork]] = {
