@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,10 @@ def _start(kind: str, request: pytest.FixtureRequest, tmp: pytest.TempPathFactor
             request.getfixturevalue("rabbitmq").vhost_url(f"e2e_{name}"),
             f"e2e_{name}",
         )
+        # Audit records over the audit service's gRPC append API and the post-quantum channel
+        # (ADR 0017; local-mode keys in the data dir); "embedded" keeps them on the bus.
+        channel = f"127.0.0.1:{_free_port()}"
+        settings |= {"LUCERNA_AUDIT_GRPC_LISTEN": channel, "LUCERNA_AUDIT_CHANNEL_TARGET": channel}
     # A module may add settings (``platform_settings(request)``, e.g. a server it starts) and run a
     # subset of the services (``PLATFORM_SERVICES``), e.g. to read a queue itself.
     extra = getattr(request.module, "platform_settings", None)
@@ -30,6 +35,13 @@ def _start(kind: str, request: pytest.FixtureRequest, tmp: pytest.TempPathFactor
     process = LucernaProcess(Path(tmp.mktemp(f"lucerna-{kind}")), settings, only=only)
     process.start(timeout=180)
     return process
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @pytest.fixture(scope="module", params=["embedded", "servers"])

@@ -42,6 +42,19 @@ BOUNDARY = "lucerna-fhir-e2e"
 LOINC_IMAGING = "http://loinc.org|18748-4"
 
 
+def platform_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """On the real servers, the audit log's checkpoints are anchored on the session's Fabric network
+    through the anchor service, under an origin of this run's own (the ledger outlives the log)."""
+    if request.param != "servers":
+        return {}
+    anchor = request.getfixturevalue("anchor_service")
+    return {
+        "LUCERNA_AUDIT_ANCHOR_TARGET": anchor.address,
+        "LUCERNA_AUDIT_ANCHOR_TOKEN": anchor.token,
+        "LUCERNA_AUDIT_ORIGIN": f"lucerna.test/e2e-fhir-results-{time.time_ns()}",
+    }
+
+
 def stow(platform: LucernaProcess, instances: list[bytes]) -> None:
     body = b"".join(
         f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
@@ -316,7 +329,7 @@ async def test_an_auditor_verifies_the_report_online_and_from_an_exported_bundle
     while (exported := await asyncio.to_thread(
         lucerna, "export-proof", report.id, "--out", str(bundle_path), "--base-url", platform.base_url
     )).returncode != 0:  # fmt: skip
-        assert "not under a signed checkpoint yet" in exported.stderr, exported.stderr
+        assert "checkpoint yet; try again shortly" in exported.stderr, exported.stderr
         assert time.monotonic() < deadline, exported.stderr
         await asyncio.sleep(0.5)
     online = await asyncio.to_thread(
@@ -324,11 +337,20 @@ async def test_an_auditor_verifies_the_report_online_and_from_an_exported_bundle
     )
     assert online.returncode == 0, online.stderr
     assert f"verified: DiagnosticReport/{report.id}" in online.stdout
+    assert "make up the job's instance set" in online.stdout  # down to each stored instance
     offline = await asyncio.to_thread(lucerna, "verify", "--offline", str(bundle_path), "--keys", str(keys))
     assert offline.returncode == 0, offline.stderr
+    anchors = (await asyncio.to_thread(httpx.get, f"{platform.base_url}/api/audit/anchors")).json()
+    bundle = json.loads(bundle_path.read_text())
+    if anchors["enabled"]:
+        assert "anchored on Fabric, channel lucerna" in online.stdout, online.stdout
+        assert "the anchor read back from the ledger matches" in online.stdout, online.stdout
+        assert bundle["anchor"]["block_number"] > 0 and bundle["anchor"]["checkpoint"] == bundle["checkpoint"]
+        assert "anchored on Fabric" in offline.stdout and "not read back" in offline.stdout
+    else:
+        assert bundle["anchor"] is None and "Fabric anchor: none" in online.stdout
 
     # Any changed byte fails, and the failure names what.
-    bundle = json.loads(bundle_path.read_text())
     trusted = parse_public_keys(published_keys["keys"])
     changed = copy.deepcopy(bundle)
     changed["resources"][f"DiagnosticReport/{report.id}"]["conclusion"] += " "
@@ -353,3 +375,62 @@ async def test_an_auditor_verifies_the_report_online_and_from_an_exported_bundle
         verify_bundle(changed, trusted)
     with pytest.raises(VerificationError, match="no signature by a trusted key"):
         verify_bundle(bundle, Keyring(tmp_path / "other-keys").trusted_keys())
+    changed = copy.deepcopy(bundle)
+    stored = next(i for i, e in enumerate(changed["entries"]) if e["key"].startswith("instance-stored:"))
+    del changed["entries"][stored]  # an image the job ran over, without its stored record
+    with pytest.raises(VerificationError, match="no log entry instance-stored:"):
+        verify_bundle(changed, trusted)
+    if anchors["enabled"]:
+        on_ledger = (
+            await asyncio.to_thread(
+                httpx.get, f"{platform.base_url}/api/audit/anchors/{bundle['anchor']['size']}/ledger"
+            )
+        ).json()
+        verify_bundle(bundle, trusted, on_ledger=on_ledger)
+        changed = copy.deepcopy(bundle)
+        changed["anchor"]["block_number"] += 1
+        with pytest.raises(VerificationError, match="anchor: the ledger's block_number"):
+            verify_bundle(changed, trusted, on_ledger=on_ledger)
+        changed = copy.deepcopy(bundle)
+        changed["anchor"]["root"] = "00" * 32
+        with pytest.raises(VerificationError, match="anchor: the anchored checkpoint is not the one"):
+            verify_bundle(changed, trusted)
+
+
+async def test_a_fhir_read_is_an_auditevent_found_by_patient_with_no_phi_in_the_log(
+    platform: LucernaProcess, chest: synthetic.SyntheticStudy
+) -> None:
+    report = await report_for(platform, chest.study_uid)
+    patient = report.subject.reference
+    assert (await asyncio.to_thread(fhir, platform, f"DiagnosticReport/{report.id}")).status_code == 200
+
+    # The read's AuditEvent (IHE BALP), found by the patient it disclosed, once the record is appended.
+    deadline = time.monotonic() + 30
+    while True:
+        found = (
+            await asyncio.to_thread(fhir, platform, "AuditEvent", patient=patient, subtype="read")
+        ).json()
+        reads = [
+            e["resource"]
+            for e in found.get("entry", [])
+            if any(
+                x.get("what", {}).get("reference") == f"DiagnosticReport/{report.id}"
+                for x in e["resource"]["entity"]
+            )
+        ]
+        if reads:
+            break
+        assert time.monotonic() < deadline, f"no AuditEvent of the read: {found}"
+        await asyncio.sleep(0.5)
+    event = reads[0]
+    assert event["entity"][0]["what"]["reference"] == patient and event["outcome"] == "0"
+    seq = next(
+        int(x["what"]["identifier"]["value"])
+        for x in event["entity"]
+        if x["what"].get("identifier", {}).get("system") == "urn:lucerna:audit-log:seq"
+    )
+    entry = await asyncio.to_thread(
+        lambda: httpx.get(f"{platform.base_url}/api/audit/entries/{seq}", timeout=10).json()
+    )
+    assert patient.split("/")[1].encode() not in base64.b64decode(entry["data"])  # sealed, not in the log
+    assert "phi_sha256" in entry["record"]["details"]

@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from lucerna.core.audit_trail import BusAuditTrail
 from lucerna.core.bootstrap import build_resources
 from lucerna.core.events import codec
 from lucerna.core.events.ports import Envelope
@@ -107,7 +108,7 @@ async def env(triton: LocalTriton, tmp_path: Path) -> AsyncIterator[Env]:
     manifests = load_repository(REPOSITORY)
     blobs = Blobs()
     worker = InferenceWorker(
-        Ports(bus, blobs, results, client),
+        Ports(bus, blobs, results, client, BusAuditTrail(bus)),
         manifests,
         worker_name="it-worker",
         slots=2,

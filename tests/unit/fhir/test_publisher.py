@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lucerna.core.audit_trail import BusAuditTrail
 from lucerna.core.events import codec
 from lucerna.core.events.ports import Envelope, PermanentError
 from lucerna.core.events.topology import AUDIT_RECORD, INFERENCE_COMPLETED, REPORT_PUBLISHED, STUDY_READY
@@ -52,6 +53,7 @@ class Stack:
             self.repository,
             self.studies,
             self.bus,  # type: ignore[arg-type] - publish is all the publisher uses
+            BusAuditTrail(self.bus),  # type: ignore[arg-type]
             SETTINGS,
             push=Push("http://hospital.example/fhir", self.outbox),
             clock=lambda: PUBLISHED_AT,

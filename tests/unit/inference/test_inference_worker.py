@@ -16,6 +16,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from lucerna.core.audit_trail import BusAuditTrail
 from lucerna.core.events import codec
 from lucerna.core.events.ports import Envelope, PermanentError
 from lucerna.core.model_manifest import Manifest
@@ -132,7 +133,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     blobs, triton = Blobs(), FakeTriton()
     manifests = {m.name: m for m in (manifest(DETECTOR), manifest(CLASSIFIER))}
     worker = InferenceWorker(
-        Ports(bus, blobs, results, triton),
+        Ports(bus, blobs, results, triton, BusAuditTrail(bus)),
         manifests,
         worker_name="test-worker",
         slots=1,

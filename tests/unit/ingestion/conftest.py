@@ -95,7 +95,7 @@ async def events(resources: Resources) -> EventLog:
 
 @pytest.fixture
 def ports(resources: Resources) -> Ports:
-    return Ports(blobs=resources.blobs, metadata=resources.metadata, bus=resources.bus)
+    return Ports(blobs=resources.blobs, metadata=resources.metadata, audit=resources.audit_trail)
 
 
 @pytest.fixture

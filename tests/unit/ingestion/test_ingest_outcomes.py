@@ -1,5 +1,5 @@
 """The one ingestion function: stored once, duplicates recognised, conflicts and bad input refused,
-nothing half-written when a store fails, and no audit record lost when the bus fails."""
+nothing half-written when a store fails, and no audit record lost when the audit trail fails."""
 
 from __future__ import annotations
 
@@ -62,15 +62,15 @@ class PartialMetadata(_Delegate):
         return await self._inner.put_instances(records)
 
 
-class AuditRefusingBus(_Delegate):
-    """The real bus, except that audit records are refused while ``down``."""
+class RefusingAuditTrail(_Delegate):
+    """The real audit trail, except that it refuses records while ``down``."""
 
     down = True
 
-    async def publish(self, envelope: Envelope) -> None:
-        if self.down and envelope.routing_key == "audit.record":
+    async def record(self, envelope: Envelope) -> None:
+        if self.down:
             raise PublishError("no confirm in time")
-        await self._inner.publish(envelope)
+        await self._inner.record(envelope)
 
 
 async def test_a_new_instance_is_stored_recorded_and_audited(
@@ -167,7 +167,9 @@ async def test_another_study_than_expected_is_refused(
 async def test_a_failed_metadata_write_leaves_no_blob(
     resources: Resources, ct: Callable[..., bytes], stored_blobs: Callable[[], list[Path]]
 ) -> None:
-    broken = Ports(blobs=resources.blobs, metadata=BrokenMetadata(resources.metadata), bus=resources.bus)
+    broken = Ports(
+        blobs=resources.blobs, metadata=BrokenMetadata(resources.metadata), audit=resources.audit_trail
+    )
     outcomes = await ingest(broken, [ct(), ct()], SOURCE)
     assert {o.failure_reason for o in outcomes} == {FailureReason.PROCESSING_FAILURE}
     assert stored_blobs() == []
@@ -178,7 +180,7 @@ async def test_a_record_the_store_refuses_fails_alone(
 ) -> None:
     poisoned = generate_uid()
     store = PoisonedMetadata(resources.metadata, poisoned)
-    ports = Ports(blobs=resources.blobs, metadata=store, bus=resources.bus)
+    ports = Ports(blobs=resources.blobs, metadata=store, audit=resources.audit_trail)
     outcomes = await ingest(ports, [ct(), ct(SOPInstanceUID=poisoned), ct()], SOURCE)
     assert [o.disposition for o in outcomes] == [Disposition.STORED, Disposition.FAILED, Disposition.STORED]
     assert outcomes[1].failure_reason is FailureReason.PROCESSING_FAILURE
@@ -190,7 +192,9 @@ async def test_a_record_the_store_refuses_fails_alone(
 async def test_a_partly_written_batch_is_completed_and_fully_audited(
     resources: Resources, events: Any, ct: Callable[..., bytes]
 ) -> None:
-    ports = Ports(blobs=resources.blobs, metadata=PartialMetadata(resources.metadata), bus=resources.bus)
+    ports = Ports(
+        blobs=resources.blobs, metadata=PartialMetadata(resources.metadata), audit=resources.audit_trail
+    )
     outcomes = await ingest(ports, [ct(), ct()], SOURCE)
     assert [o.disposition for o in outcomes] == [Disposition.STORED, Disposition.STORED]
     await events.settle()
@@ -205,29 +209,29 @@ async def test_a_published_audit_record_leaves_the_outbox(
     await ingest(ports, [ct(), ct()], SOURCE)
     later = datetime.now(UTC) + timedelta(hours=1)
     assert await resources.metadata.pending_audit(later) == []
-    assert await AuditRelay(resources.metadata, resources.bus).run_once(later) == 0
+    assert await AuditRelay(resources.metadata, resources.audit_trail).run_once(later) == 0
     await events.settle()
     assert len(events.audit) == 2
 
 
-async def test_a_bus_outage_keeps_the_instance_and_relays_its_audit_record_later(
+async def test_an_audit_trail_outage_keeps_the_instance_and_relays_its_audit_record_later(
     resources: Resources, events: Any, ct: Callable[..., bytes], stored_blobs: Callable[[], list[Path]]
 ) -> None:
-    bus = AuditRefusingBus(resources.bus)
-    ports = Ports(blobs=resources.blobs, metadata=resources.metadata, bus=bus)
+    trail = RefusingAuditTrail(resources.audit_trail)
+    ports = Ports(blobs=resources.blobs, metadata=resources.metadata, audit=trail)
     data = ct()
     [outcome] = await ingest(ports, [data], SOURCE)
-    assert outcome.disposition is Disposition.STORED  # the bus is down; the store is not
+    assert outcome.disposition is Disposition.STORED  # the trail is down; the store is not
     sop = outcome.sop_instance_uid or ""
     assert await resources.metadata.get_instance(sop) is not None
     assert len(stored_blobs()) == 1
-    relay = AuditRelay(resources.metadata, bus)  # type: ignore[arg-type]
+    relay = AuditRelay(resources.metadata, trail)
     assert await relay.run_once() == 0  # too young: the ingestion call may still be publishing it
     later = datetime.now(UTC) + RELAY_AFTER * 2
-    assert await relay.run_once(later) == 0  # the bus is still down
+    assert await relay.run_once(later) == 0  # the trail is still down
     assert [r.sop_instance_uid for r in await resources.metadata.pending_audit(later)] == [sop]
 
-    bus.down = False
+    trail.down = False
     assert await relay.run_once(later) == 1
     assert await relay.run_once(later) == 0  # relayed once
     await events.settle()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
+from lucerna.core.audit_trail import BusAuditTrail
 from lucerna.core.auth import Authenticator
 from lucerna.core.events.ports import Envelope, PublishError
 from lucerna.core.http import create_app
@@ -324,7 +325,8 @@ class DownBus:
 async def test_a_bus_outage_fails_no_store(resources: Resources, ct: Callable[..., bytes]) -> None:
     study = generate_uid()
     headers, body = multipart(ct(study=study), ct(study=study))
-    async with client_for(dataclasses.replace(resources, bus=DownBus(resources.bus))) as client:
+    down = DownBus(resources.bus)
+    async with client_for(dataclasses.replace(resources, bus=down, audit=BusAuditTrail(down))) as client:
         response = await client.post(STUDIES, content=body, headers=headers)
     assert response.status_code == 200, response.text
     assert "warning" not in response.headers

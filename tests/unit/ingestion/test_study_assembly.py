@@ -23,7 +23,9 @@ LEASE = timedelta(seconds=30)
 
 
 def assembler_for(resources: Resources, bus: Any = None) -> StudyAssembler:
-    return StudyAssembler(resources.metadata, bus or resources.bus, QUIET, max_idle=MAX_IDLE, lease=LEASE)
+    return StudyAssembler(
+        resources.metadata, bus or resources.bus, resources.audit_trail, QUIET, max_idle=MAX_IDLE, lease=LEASE
+    )
 
 
 async def store_burst(ports: Ports, ct: Callable[..., bytes], study: str, count: int) -> None:

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 
+from lucerna.core.audit_trail import BusAuditTrail
 from lucerna.core.events.ports import Envelope
 from lucerna.events.v1.events_pb2 import AuditRecord
 from lucerna.metadata import audit
@@ -57,7 +58,7 @@ async def test_publishing_retries_then_logs_the_lost_record(
     monkeypatch.setattr(audit, "PUBLISH_RETRY_DELAYS", (0.0, 0.0))
     read = PatientDataRead(actor="a", route="/r", query=[], study_uids=["1.2"], traceparent=None)
     recovering = _FlakyBus(failures=2)
-    await publish_read(recovering, read)  # type: ignore[arg-type]
+    await publish_read(BusAuditTrail(recovering), read)  # type: ignore[arg-type]
     [envelope] = recovering.published
     assert (envelope.routing_key, envelope.correlation_id, envelope.type) == (
         "audit.record",
@@ -65,5 +66,5 @@ async def test_publishing_retries_then_logs_the_lost_record(
         "lucerna.events.v1.AuditRecord",
     )
     with caplog.at_level(logging.ERROR, logger="lucerna.metadata.audit"):
-        await publish_read(_FlakyBus(failures=3), read)  # type: ignore[arg-type]
+        await publish_read(BusAuditTrail(_FlakyBus(failures=3)), read)  # type: ignore[arg-type]
     assert "lost the audit record" in caplog.text

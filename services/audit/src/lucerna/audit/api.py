@@ -8,6 +8,11 @@
 - ``GET /api/audit/checkpoints/latest`` and ``/api/audit/checkpoints/{size}``: a signed checkpoint, as
   the C2SP signed note (``text/plain``); ``GET /api/audit/checkpoints?limit=&before=``: their history,
   newest first (JSON).
+- ``GET /api/audit/anchors``: whether checkpoints are anchored on the ledger, the latest anchor, and
+  why anchoring stopped if it did; ``?covering=N``: the smallest anchored checkpoint of at least N
+  entries. ``GET /api/audit/anchors/{size}``: where the checkpoint of that size landed (transaction id,
+  block number, the note as anchored); ``/api/audit/anchors/{size}/ledger``: the same read back from
+  the ledger now, through the anchor service.
 - ``GET /.well-known/lucerna-audit-keys``: the public keys checkpoints are signed with (no token).
 
 Errors are ``{"error": "..."}`` with 400, 401/403, 404 or 503.
@@ -25,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from lucerna.audit.anchoring import Anchor, Anchorer, AnchorError
 from lucerna.audit.keys import Keyring
 from lucerna.audit.log import AuditLog, LogRangeError, StoredEntry
 from lucerna.core.service import Resources
@@ -38,9 +44,13 @@ Handler = Callable[[Request, AuditLog], Awaitable[Response]]
 
 
 def audit_routes(
-    resources: Resources, audit_log: Callable[[], AuditLog | None], keyring: Callable[[], Keyring | None]
+    resources: Resources,
+    audit_log: Callable[[], AuditLog | None],
+    keyring: Callable[[], Keyring | None],
+    anchorer: Callable[[], Anchorer | None] = lambda: None,
 ) -> Sequence[BaseRoute]:
-    """The routes; ``audit_log`` and ``keyring`` give the running ones (None until started)."""
+    """The routes; ``audit_log``, ``keyring`` and ``anchorer`` give the running ones (None until
+    started; the anchorer stays None when anchoring is not configured)."""
 
     def guarded(path: str, handler: Handler) -> Route:
         async def endpoint(request: Request) -> Response:
@@ -54,6 +64,45 @@ def audit_routes(
                 raise HTTPException(404, str(error)) from error
 
         return Route(path, endpoint, methods=["GET"])
+
+    async def anchors(request: Request, _: AuditLog) -> Response:
+        running = anchorer()
+        covering = request.query_params.get("covering")
+        if covering is not None:
+            size = _number(covering, "covering")
+            found = None if running is None else await running.store.covering(size)
+            if found is None:
+                raise HTTPException(404, f"no anchored checkpoint covers {size} entries yet")
+            return JSONResponse(found.to_json())
+        latest = None if running is None else await running.store.latest()
+        return JSONResponse(
+            {
+                "enabled": running is not None,
+                "latest": None if latest is None else latest.to_json(),
+                "halted": None if running is None else running.halted,
+            }
+        )
+
+    async def anchor(request: Request, _: AuditLog) -> Response:
+        size = _number(request.path_params["size"], "size")
+        running = anchorer()
+        found = None if running is None else await running.store.at(size)
+        if found is None:
+            raise HTTPException(404, f"no checkpoint of size {size} has been anchored")
+        return JSONResponse(found.to_json())
+
+    async def on_ledger(request: Request, _: AuditLog) -> Response:
+        size = _number(request.path_params["size"], "size")
+        running = anchorer()
+        if running is None:
+            raise HTTPException(404, "checkpoints are not anchored on a ledger here")
+        try:
+            found: Anchor | None = await running.ledger.by_size(running.origin, size)
+        except AnchorError as error:
+            raise HTTPException(503, f"the ledger cannot be read now: {error}") from error
+        if found is None:
+            raise HTTPException(404, f"the ledger holds no checkpoint of size {size} for {running.origin}")
+        return JSONResponse(found.to_json())
 
     async def public_keys(_: Request) -> Response:
         ring = keyring()
@@ -69,6 +118,9 @@ def audit_routes(
         guarded("/api/audit/checkpoints/latest", _latest),
         guarded("/api/audit/checkpoints/{size}", _checkpoint),
         guarded("/api/audit/checkpoints", _checkpoints),
+        guarded("/api/audit/anchors", anchors),
+        guarded("/api/audit/anchors/{size}", anchor),
+        guarded("/api/audit/anchors/{size}/ledger", on_ledger),
         Route("/.well-known/lucerna-audit-keys", public_keys, methods=["GET"]),
     ]
 

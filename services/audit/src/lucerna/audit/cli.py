@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from lucerna.audit.keys import parse_public_keys
-from lucerna.audit.verify import VerificationError, export_bundle, verify_bundle
+from lucerna.audit.verify import VerificationError, export_bundle, read_back_anchor, verify_bundle
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
@@ -34,6 +34,7 @@ def verify(
 ) -> int:
     """Verify a report online (from the platform) or a bundle offline (with pinned keys only)."""
     try:
+        on_ledger = None
         if offline is not None:
             if keys is None:
                 print("verify --offline needs --keys (the pinned public keys)", file=sys.stderr)
@@ -43,18 +44,24 @@ def verify(
             assert report_id is not None
             with _client() as client:
                 bundle = export_bundle(base_url.rstrip("/"), report_id, client)
+                on_ledger = read_back_anchor(base_url.rstrip("/"), bundle, client)
         published = json.loads(keys.read_text()) if keys is not None else bundle["published_keys"]
         if keys is None:
             print(
                 "warning: the keys come from the platform itself; pin them with --keys to check independently"
             )
-        report = verify_bundle(bundle, parse_public_keys(published["keys"]), origin=published.get("origin"))
+        report = verify_bundle(
+            bundle, parse_public_keys(published["keys"]), origin=published.get("origin"), on_ledger=on_ledger
+        )
     except (VerificationError, httpx.HTTPError, ValueError, KeyError) as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
     for check in report.checks:
         print(f"ok  {check}")
-    print("--  Fabric anchor: not checked (the anchor service is not deployed yet)")
+    if not report.anchored:
+        print("--  Fabric anchor: none (this log's checkpoints are not anchored on a ledger)")
+    elif offline is not None:
+        print("--  Fabric anchor: not read back from the ledger (offline); run online to read it back")
     print(f"verified: {bundle['report']}")
     return 0
 

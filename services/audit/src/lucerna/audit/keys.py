@@ -13,12 +13,9 @@ Private keys never appear in a repr, a log line or ``public_keys()``.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
-import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +33,7 @@ from lucerna.audit.checkpoints import (
     check_key_name,
     key_id,
 )
+from lucerna.core.secret_files import UnsafeSecretFileError, create_secret_file, read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +137,7 @@ class Keyring:
             "created": key.created.isoformat(),
         }
         path = self.directory / f"key-{number}.json"
-        if _create_file(path, json.dumps(document, indent=1).encode() + b"\n"):
+        if create_secret_file(path, json.dumps(document, indent=1).encode() + b"\n"):
             log.info("created audit signing key %s (key ID %s)", key.name, key.key_id.hex())
         self.reload()
 
@@ -165,13 +163,12 @@ def parse_public_keys(items: Sequence[dict[str, Any]]) -> list[TrustedKey]:
 
 
 def _load(path: Path) -> SigningKey:
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise KeyringError(
-            f"{path} holds a private key and is accessible to others (mode {mode & 0o777:o}); chmod 600"
-        )
     try:
-        return _key_of(json.loads(path.read_bytes()))
+        content = read_secret_file(path)
+    except UnsafeSecretFileError as error:
+        raise KeyringError(str(error)) from None
+    try:
+        return _key_of(json.loads(content))
     except (AttributeError, KeyError, TypeError, ValueError) as error:  # JSON, base64, key: ValueErrors
         raise KeyringError(f"{path} is not a usable {ALGORITHM} key file: {error}") from None
 
@@ -195,27 +192,3 @@ def _key_of(document: dict[str, Any]) -> SigningKey:
     if not key.trusted().verifies(_SELF_TEST, key.sign(_SELF_TEST)):
         raise ValueError("its private key does not match its public key")
     return key
-
-
-def _create_file(path: Path, content: bytes) -> bool:
-    """Write ``content`` to ``path`` (mode 0600, synced) unless it exists; False if it did."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the new name survives a crash
-    finally:
-        os.close(directory)
-    return True

@@ -11,9 +11,13 @@ from collections.abc import Sequence
 
 from starlette.routing import BaseRoute
 
+from lucerna.audit.accesses import Accesses, build_accesses
+from lucerna.audit.anchoring import Anchorer, AnchorStore, GrpcLedger, MongoAnchorStore, SqliteAnchorStore
 from lucerna.audit.api import audit_routes
 from lucerna.audit.appender import GroupAppender
+from lucerna.audit.auditevent_api import auditevent_routes
 from lucerna.audit.checkpoints import Checkpoint, sign
+from lucerna.audit.grpc_api import AppendApi, build_append_api
 from lucerna.audit.keys import Keyring
 from lucerna.audit.log import Appended, AuditLog, LogEntry, MongoAuditLog, SqliteAuditLog
 from lucerna.audit.settings import AuditSettings
@@ -43,6 +47,7 @@ class Checkpointer:
         self.interval = interval
         self.appended = 0
         self.wake = asyncio.Event()
+        self.signed = asyncio.Event()  # set after each new checkpoint (the anchorer waits on it)
 
     def counted(self, outcomes: Sequence[Appended]) -> None:
         """Count new entries; wake the loop once ``every`` have arrived."""
@@ -61,6 +66,7 @@ class Checkpointer:
         # ML-DSA-65 signing takes milliseconds of CPU: off the event loop.
         signed = await asyncio.to_thread(sign, checkpoint, self.keyring.active)
         await self.log.add_checkpoint(signed)
+        self.signed.set()
         return checkpoint
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -85,6 +91,13 @@ class AuditService:
         self._log: AuditLog | None = None
         self._keyring: Keyring | None = None
         self._checkpointing: asyncio.Task[None] | None = None
+        self._anchors: AnchorStore | None = None
+        self._anchorer: Anchorer | None = None
+        self._anchoring: asyncio.Task[None] | None = None
+        self._appender: GroupAppender[LogEntry, Appended] | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._append_api: AppendApi | None = None
+        self._accesses: Accesses | None = None
         self._stopping = asyncio.Event()
 
     @property
@@ -95,21 +108,40 @@ class AuditService:
         return self._settings
 
     async def readiness(self) -> dict[str, bool]:
-        """Started and the log's store reachable."""
-        return {"log": self._log is not None and await self._log.ping()}
+        """Started and the log's stores reachable."""
+        return {
+            "log": self._log is not None and await self._log.ping(),
+            "accesses": self._accesses is not None and await self._accesses.ping(),
+        }
 
     def routes(self, resources: Resources) -> Sequence[BaseRoute]:
-        """The auditors' API."""
-        return audit_routes(resources, lambda: self._log, lambda: self._keyring)
+        """The auditors' API, and the FHIR AuditEvent search of patient-data accesses."""
+        return [
+            *audit_routes(resources, lambda: self._log, lambda: self._keyring, lambda: self._anchorer),
+            *auditevent_routes(resources, lambda: self._log, lambda: self._accesses, self.settings.origin),
+        ]
+
+    async def submit(self, key: str, record: events_pb2.AuditRecord) -> Appended:
+        """Append one audit record under its idempotency key: the one path of every append (the
+        ``audit.records`` consumer and the gRPC append API); durable when it returns. Its PHI is
+        sealed first and the entry holds only the blob's digest; a patient-data access is indexed
+        after (``accesses``)."""
+        if self._appender is None or self._checkpointer is None or self._accesses is None:
+            raise RuntimeError("the audit service is not started")
+        appended = await self._appender.append(LogEntry(key, await self._accesses.entry_data(key, record)))
+        self._checkpointer.counted([appended])
+        await self._accesses.indexed(appended.seq, key, record)
+        return appended
 
     async def start(self, resources: Resources) -> None:
         """Open the log and the keys, consume audit records, start checkpointing."""
         settings = self.settings
         audit_log = build_log(resources.settings)
         await audit_log.start()
-        keyring = await asyncio.to_thread(
-            Keyring, settings.key_dir or resources.settings.data_dir / "audit-keys", settings.origin
-        )
+        key_dir = settings.key_dir or resources.settings.data_dir / "audit-keys"
+        keyring = await asyncio.to_thread(Keyring, key_dir, settings.origin)
+        accesses = await asyncio.to_thread(build_accesses, resources.settings, key_dir)
+        await accesses.start()
         checkpointer = Checkpointer(
             audit_log,
             keyring,
@@ -120,18 +152,52 @@ class AuditService:
         appender: GroupAppender[LogEntry, Appended] = GroupAppender(audit_log.append)
 
         async def record(envelope: Envelope) -> None:
-            codec.decode(envelope, events_pb2.AuditRecord)  # garbage is dead-lettered, never logged
+            message = codec.decode(envelope, events_pb2.AuditRecord)  # garbage is dead-lettered, never logged
             key = envelope.message_id or "sha256:" + hashlib.sha256(envelope.body).hexdigest()
-            checkpointer.counted([await appender.append(LogEntry(key, envelope.body))])
+            await self.submit(key, message)
 
         self._log, self._keyring = audit_log, keyring
+        self._appender, self._checkpointer, self._accesses = appender, checkpointer, accesses
         await resources.bus.consume(AUDIT_QUEUE, record, prefetch=settings.prefetch)
         self._stopping = asyncio.Event()
         self._checkpointing = asyncio.create_task(checkpointer.run(self._stopping), name="audit-checkpointer")
+        if settings.anchor_target:
+            await self._start_anchoring(resources.settings, audit_log, keyring, checkpointer)
+        if settings.grpc_listen:
+            self._append_api = build_append_api(settings, resources.settings, self.submit)
+            await self._append_api.start()
         log.info("audit service started", extra={"origin": settings.origin, "key": keyring.active.name})
 
+    async def _start_anchoring(
+        self, core: CoreSettings, audit_log: AuditLog, keyring: Keyring, checkpointer: Checkpointer
+    ) -> None:
+        settings = self.settings
+        assert settings.anchor_target is not None
+        token = settings.anchor_token.get_secret_value() if settings.anchor_token else None
+        anchors = build_anchor_store(core)
+        await anchors.start()
+        ledger = GrpcLedger(settings.anchor_target, token)
+        anchorer = Anchorer(audit_log, anchors, ledger, keyring, settings.origin)
+        checkpointer.signed = anchorer.wake
+        self._anchors, self._anchorer = anchors, anchorer
+        self._anchoring = asyncio.create_task(anchorer.run(self._stopping), name="audit-anchorer")
+
     async def stop(self) -> None:
-        """Stop checkpointing and close the log."""
+        """Stop the append API, checkpointing and anchoring, and close the log."""
+        if self._append_api is not None:
+            await self._append_api.stop()
+            self._append_api = None
+        if self._anchoring is not None:
+            self._stopping.set()
+            await asyncio.wait([self._anchoring], timeout=CHECKPOINTER_STOP_SECONDS)
+            self._anchoring.cancel()
+            self._anchoring = None
+        if self._anchorer is not None:
+            await self._anchorer.ledger.close()
+            self._anchorer = None
+        if self._anchors is not None:
+            await self._anchors.close()
+            self._anchors = None
         if self._checkpointing is not None:
             self._stopping.set()
             await asyncio.wait([self._checkpointing], timeout=CHECKPOINTER_STOP_SECONDS)
@@ -140,7 +206,18 @@ class AuditService:
         if self._log is not None:
             await self._log.close()
             self._log = None
+        if self._accesses is not None:
+            await self._accesses.close()
+            self._accesses = None
         self._keyring = None
+        self._appender, self._checkpointer = None, None
+
+
+def build_anchor_store(settings: CoreSettings) -> AnchorStore:
+    """Where anchors are recorded, beside the log."""
+    if settings.metadata_backend == "mongodb":
+        return MongoAnchorStore(settings.mongodb_url.get_secret_value(), settings.mongodb_database)
+    return SqliteAnchorStore(settings.data_dir / "audit-anchors.sqlite")
 
 
 def build_log(settings: CoreSettings) -> AuditLog:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,3 +22,18 @@ class AuditSettings(BaseSettings):
     checkpoint_interval_ms: int = Field(default=1000, ge=10)
     # Records appended per transaction at most (they arrive in bursts).
     prefetch: int = Field(default=256, ge=1)
+    # The anchor service (host:port, gRPC) that puts checkpoints on the Fabric ledger; unset: no
+    # anchoring. Its bearer token, when it asks for one (never logged).
+    anchor_target: str | None = None
+    anchor_token: SecretStr | None = None
+    # The append API over the post-quantum channel (gRPC, ADR 0017), e.g. "127.0.0.1:8097"; unset: off.
+    grpc_listen: str | None = None
+    # This service's channel identity (ML-DSA-65 key pair, JSON, mode 0600) and the clients it trusts
+    # (JSON: name -> base64 public key). Unset in local mode: both from <LUCERNA_DATA_DIR>/audit-channel,
+    # created there; production mode needs both files.
+    grpc_identity_file: Path | None = None
+    grpc_trust_file: Path | None = None
+    # Largest gRPC message either way (a record is a few hundred bytes; a handshake message ~3.5 KiB).
+    grpc_max_message_bytes: int = Field(default=64 * 1024, ge=8 * 1024)
+    # Appends one session may have in flight before the server stops reading its stream.
+    grpc_max_in_flight: int = Field(default=256, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lucerna.core.audit_trail import build_audit_trail
 from lucerna.core.auth import Authenticator
 from lucerna.core.events.ports import MessageBus
 from lucerna.core.service import Resources
@@ -13,13 +14,15 @@ from lucerna.core.storage.ports import MetadataStore, SearchIndex
 def build_resources(settings: CoreSettings) -> Resources:
     """Adapters for these settings, not yet started."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    bus = _bus(settings)
     return Resources(
         settings=settings,
         auth=Authenticator(settings),
-        bus=_bus(settings),
+        bus=bus,
         blobs=FilesystemBlobStore(settings.blobs_path),
         metadata=_metadata(settings),
         search=_search(settings),
+        audit=build_audit_trail(settings, bus),
     )
 
 

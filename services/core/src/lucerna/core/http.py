@@ -125,6 +125,7 @@ def create_app(resources: Resources, services: Sequence[Service]) -> Starlette:
                     await asyncio.wait_for(service.stop(), SERVICE_STOP_SECONDS)
                 except Exception:  # a service that cannot stop must not keep the others running
                     log.exception("%s did not stop cleanly within %.0f s", service.name, SERVICE_STOP_SECONDS)
+            await resources.audit_trail.close()
             await resources.bus.close()
             await resources.search.close()
             await resources.metadata.close()

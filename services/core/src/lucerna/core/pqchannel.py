@@ -45,7 +45,7 @@ import hmac
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -94,7 +94,7 @@ class Identity:
 
     name: str
     public_key: bytes
-    secret_key: bytes
+    secret_key: bytes = field(repr=False)
 
     @classmethod
     def generate(cls, name: str) -> Identity:

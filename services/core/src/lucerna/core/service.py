@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from starlette.routing import BaseRoute
 
+from lucerna.core.audit_trail import AuditTrail, BusAuditTrail
 from lucerna.core.auth import Authenticator
 from lucerna.core.events.ports import MessageBus
 from lucerna.core.settings import CoreSettings
@@ -29,6 +30,12 @@ class Resources:
     blobs: BlobStore
     metadata: MetadataStore
     search: SearchIndex
+    audit: AuditTrail | None = None  # None: audit records go over ``bus`` (ADR 0017)
+
+    @property
+    def audit_trail(self) -> AuditTrail:
+        """Where this process's services send their audit records."""
+        return self.audit if self.audit is not None else BusAuditTrail(self.bus)
 
 
 class Service(Protocol):

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from pydantic import ValidationError
+from starlette.convertors import PathConvertor, StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,6 +38,7 @@ from starlette.routing import BaseRoute, Route
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.subscription import Subscription
 from lucerna.core.auth import Principal
+from lucerna.core.logging import correlation_id
 from lucerna.core.service import Resources
 from lucerna.fhir.canonical import VOLATILE_META, canonical_sha256
 from lucerna.fhir.capability import WRITABLE_TYPES, capability_statement
@@ -49,6 +51,7 @@ from lucerna.fhir.outcome import (
     operation_outcome,
     outcome_response,
 )
+from lucerna.fhir.read_audit import PATIENT_DATA_TYPES, FhirRead, ReadAuditor
 from lucerna.fhir.repository import Repository
 from lucerna.fhir.search import (
     DEFAULT_COUNT,
@@ -81,8 +84,34 @@ ACCEPTABLE = JSON_FORMATS | {"*/*", "application/*"}
 # Routes take every method and answer the ones they lack with a FHIR 405 (starlette's is plain).
 ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 HISTORY_PARAMETERS = frozenset({"_count", "_offset", "_since", "_format", "_pretty"})
+# The audited read interaction (FHIR restful-interaction) of each route answering a GET.
+INTERACTIONS = {
+    "fhir-instance": "read",
+    "fhir-vread": "vread",
+    "fhir-history": "history-instance",
+    "fhir-type-history": "history-type",
+    "fhir-type": "search-type",
+    "fhir-search-post": "search-type",
+}
 
 Handler = Callable[[Request, Repository, Principal], Awaitable[Response]]
+
+# Types another service serves under /fhir (the audit service: AuditEvent). This API's routes never
+# match them, whatever order the services' routes are in when they share one app (``lucerna up``).
+SERVED_ELSEWHERE = ("AuditEvent",)
+_NOT_ELSEWHERE = f"(?!(?:{'|'.join(SERVED_ELSEWHERE)})(?:/|$))"
+
+
+class _TypeConvertor(StringConvertor):
+    regex = _NOT_ELSEWHERE + StringConvertor.regex
+
+
+class _RestConvertor(PathConvertor):
+    regex = _NOT_ELSEWHERE + PathConvertor.regex
+
+
+register_url_convertor("fhir_type", _TypeConvertor())
+register_url_convertor("fhir_rest", _RestConvertor())
 
 
 @dataclass(frozen=True)
@@ -98,13 +127,14 @@ def fhir_routes(
     repository: Callable[[], Repository | None],
     *,
     notifier: Callable[[], Notifier | None] = lambda: None,
+    auditor: Callable[[], ReadAuditor | None] = lambda: None,
     base_url: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_revinclude: int = MAX_REVINCLUDE,
     software_version: str = "0.1.0",
 ) -> Sequence[BaseRoute]:
     """The FHIR API's routes; ``repository`` and ``notifier`` give the running ones (None until
-    started; Subscription writes need the notifier).
+    started; Subscription writes need the notifier; reads are audited through the auditor).
 
     ``base_url``: the public ``.../fhir`` base for links and ``fullUrl`` (default: the request's own).
     """
@@ -112,6 +142,7 @@ def fhir_routes(
         resources,
         repository=repository,
         notifier=notifier,
+        auditor=auditor,
         base_url=base_url,
         max_body_bytes=max_body_bytes,
         max_revinclude=max_revinclude,
@@ -147,7 +178,7 @@ def fhir_routes(
             "fhir-type",
         ),
         # Anything else under /fhir is a FHIR 404, not the app's plain one.
-        Route(f"{FHIR_PATH}/{{rest:path}}", api.unknown, methods=ANY_METHOD, name="fhir-unknown"),
+        Route(f"{FHIR_PATH}/{{rest:fhir_rest}}", api.unknown, methods=ANY_METHOD, name="fhir-unknown"),
     ]
 
 
@@ -160,6 +191,7 @@ class FhirApi:
         *,
         repository: Callable[[], Repository | None],
         notifier: Callable[[], Notifier | None],
+        auditor: Callable[[], ReadAuditor | None],
         base_url: str | None,
         max_body_bytes: int,
         max_revinclude: int,
@@ -168,6 +200,7 @@ class FhirApi:
         self.auth = resources.auth
         self.repository = repository
         self.notifier = notifier
+        self.auditor = auditor
         self.base_url = base_url.rstrip("/") if base_url else None
         self.max_body_bytes = max_body_bytes
         self.max_revinclude = max_revinclude
@@ -206,25 +239,58 @@ class FhirApi:
                 )
             return operation, principal, repository
 
+        interaction = INTERACTIONS.get(name)
+
         async def endpoint(request: Request) -> Response:
+            principal: Principal | None = None
             try:
                 operation, principal, repository = operation_for(request)
-                return await operation.handler(request, repository, principal)
+                response = await operation.handler(request, repository, principal)
             except FhirError as error:
-                return error_response(error)
+                response = error_response(error)
             except HTTPException as error:
-                return error_response(from_http_exception(error))
+                response = error_response(from_http_exception(error))
             except SearchError as error:
-                return error_response(FhirError(400, str(error)))
+                response = error_response(FhirError(400, str(error)))
             except VersionConflictError as error:
-                return error_response(FhirError(412, f"If-Match does not hold: {error}", code="conflict"))
+                response = error_response(FhirError(412, f"If-Match does not hold: {error}", code="conflict"))
             except Exception:  # the client gets an OperationOutcome; the log gets the traceback
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
-                return error_response(
+                response = error_response(
                     FhirError(500, "internal error; see the server log for this request's X-Request-ID")
                 )
+            if interaction is not None and principal is not None:
+                self._audit(request, principal, interaction, response)
+            return response
 
-        return Route(f"{FHIR_PATH}{path}", endpoint, methods=ANY_METHOD, name=name)
+        typed = path.replace("{type}", "{type:fhir_type}")
+        return Route(f"{FHIR_PATH}{typed}", endpoint, methods=ANY_METHOD, name=name)
+
+    def _audit(self, request: Request, principal: Principal, interaction: str, response: Response) -> None:
+        """Queue the audit of a read of patient data (writes and other types are not reads of it)."""
+        resource_type = request.path_params["type"]
+        auditor = self.auditor()
+        if auditor is None or resource_type not in PATIENT_DATA_TYPES:
+            return
+        if request.method not in ("GET", "HEAD") and interaction != "search-type":
+            return
+        id = request.path_params.get("id")
+        form = getattr(request.state, "search_form", "")
+        asked = "&".join(part for part in (request.url.query, form) if part)
+        auditor.note(
+            FhirRead(
+                actor=principal.subject,
+                interaction=interaction,
+                resource_type=resource_type,
+                reference=f"{resource_type}/{id}" if id else "",
+                query=request.url.path + (f"?{asked}" if asked else ""),
+                status=response.status_code,
+                body=bytes(response.body) if response.status_code < 300 else None,
+                at=datetime.now(UTC),
+                request_id=correlation_id.get() or "",
+                traceparent=request.headers.get("traceparent"),
+            )
+        )
 
     async def unknown(self, request: Request) -> Response:
         """404 for a path under /fhir that names no interaction this server offers."""
@@ -397,9 +463,11 @@ class FhirApi:
         if media_type != "application/x-www-form-urlencoded":
             raise FhirError(415, "a _search body must be application/x-www-form-urlencoded")
         try:
-            return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
         except (UnicodeDecodeError, ValueError) as error:
             raise FhirError(400, f"the _search body is not a valid form: {error}") from error
+        request.state.search_form = body.decode("utf-8")  # audited with the query string: it was asked too
+        return pairs
 
     # --- Writes (Subscription) -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, tzinfo
 
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.resource import Resource
+from lucerna.core.audit_trail import AuditTrail
 from lucerna.core.events import codec
 from lucerna.core.events.ports import Envelope, MessageBus, PermanentError
 from lucerna.events.v1 import events_pb2
@@ -66,6 +67,7 @@ class Publisher:
         repository: Repository,
         studies: StudyStore,
         bus: MessageBus,
+        audit: AuditTrail,
         settings: PublishingSettings,
         *,
         push: Push | None = None,
@@ -75,6 +77,7 @@ class Publisher:
         self.repository = repository
         self.studies = studies
         self.bus = bus
+        self.audit = audit
         self.settings = settings
         self.push = push
         self.site_timezone = site_timezone
@@ -116,7 +119,7 @@ class Publisher:
             await self.push.outbox.add([self.push.delivery(completed.job_id, published.bundle, at)])
             self.push.wake()
         await self.bus.publish(events.report_published(completed, report.reference, stored, at))
-        await self.bus.publish(events.result_published_audit(completed, report, stored, at))
+        await self.audit.record(events.result_published_audit(completed, report, stored, at))
         log.info(
             "result published",
             extra={

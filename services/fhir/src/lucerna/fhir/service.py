@@ -28,6 +28,7 @@ from lucerna.fhir.deliveries import (
 from lucerna.fhir.event_numbers import EventNumbers, MongoEventNumbers, SqliteEventNumbers
 from lucerna.fhir.notifier import Notifier
 from lucerna.fhir.publisher import Publisher, Push
+from lucerna.fhir.read_audit import ReadAuditor
 from lucerna.fhir.repository import Repository
 from lucerna.fhir.settings import FhirSettings
 from lucerna.fhir.store import ResourceIndex, ResourceStore
@@ -60,6 +61,8 @@ class FhirService:
         self._notifier: Notifier | None = None
         self._client: httpx.AsyncClient | None = None
         self._delivering: asyncio.Task[None] | None = None
+        self._auditor: ReadAuditor | None = None
+        self._auditing: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     @property
@@ -94,6 +97,7 @@ class FhirService:
             resources,
             lambda: self._repository,
             notifier=lambda: self._notifier,
+            auditor=lambda: self._auditor,
             base_url=str(base_url) if base_url is not None else None,
         )
 
@@ -138,6 +142,7 @@ class FhirService:
             repository,
             studies,
             resources.bus,
+            resources.audit_trail,
             settings.publishing(),
             push=push,
             site_timezone=ZoneInfo(settings.site_timezone),
@@ -163,6 +168,8 @@ class FhirService:
         self._delivering = asyncio.create_task(
             worker.run(settings.delivery_interval_seconds, self._stopping), name="fhir-deliveries"
         )
+        self._auditor = ReadAuditor(resources.audit_trail)
+        self._auditing = asyncio.create_task(self._auditor.run(self._stopping), name="fhir-read-audit")
         log.info("fhir service started", extra={"push": push is not None, "handshakes_resumed": resumed})
 
     async def stop(self) -> None:
@@ -172,6 +179,11 @@ class FhirService:
             await asyncio.wait([self._delivering], timeout=DELIVERY_STOP_SECONDS)
             self._delivering.cancel()
             self._delivering = None
+        if self._auditing is not None:  # publishes what is queued: before the bus closes
+            self._stopping.set()
+            await asyncio.wait([self._auditing], timeout=DELIVERY_STOP_SECONDS)
+            self._auditing.cancel()
+            self._auditing = self._auditor = None
         repository, studies, outbox, numbers = self._repository, self._studies, self._outbox, self._numbers
         self._repository = self._studies = self._outbox = None
         self._numbers = self._notifier = None

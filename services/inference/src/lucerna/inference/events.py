@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from lucerna.core.events import codec
+from lucerna.core.events.instance_set import instance_set_text
 from lucerna.core.events.ports import Envelope
 from lucerna.core.events.topology import (
     AUDIT_RECORD,
@@ -85,6 +86,9 @@ def audit_started(
             "model_version": request.model_version,
             "weights_sha256": weights_sha256,
             "instances": str(len(request.instances)),
+            # The instances themselves (ids and hashes), so an auditor can tie the set to the
+            # INSTANCE_STORED entry of each one.
+            "instance_set": instance_set_text((i.sop_instance_uid, i.sha256) for i in request.instances),
         },
     )
     return codec.encode(

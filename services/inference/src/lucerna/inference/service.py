@@ -194,7 +194,13 @@ class InferenceService:
             await self.stop()
             raise
         self._worker = InferenceWorker(
-            Ports(bus=resources.bus, blobs=resources.blobs, results=self._results, backend=self._client),
+            Ports(
+                bus=resources.bus,
+                blobs=resources.blobs,
+                results=self._results,
+                backend=self._client,
+                audit=resources.audit_trail,
+            ),
             self._manifests,
             worker_name=settings.worker_name,
             slots=settings.processing_slots,

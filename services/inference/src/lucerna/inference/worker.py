@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy.typing as npt
 
+from lucerna.core.audit_trail import AuditTrail
 from lucerna.core.events import codec
 from lucerna.core.events.codec import TRACEPARENT
 from lucerna.core.events.ports import Envelope, MessageBus, PermanentError, PublishError
@@ -84,6 +85,7 @@ class Ports:
     blobs: BlobReader
     results: ResultStore
     backend: InferenceBackend
+    audit: AuditTrail  # the audit records' way to the log (the bus, or the audit service's channel)
 
 
 @dataclass(eq=False)  # hashed by identity: kept in a set while running
@@ -224,7 +226,7 @@ class InferenceWorker:
         try:
             manifest = self._model_for(request)
             await self._ports.bus.publish(events.started(request, self._worker, taken_at, traceparent))
-            await self._ports.bus.publish(
+            await self._ports.audit.record(
                 events.audit_started(request, self._worker, weights, taken_at, traceparent)
             )
             result = await self._run(request, manifest, taken_at)
@@ -256,7 +258,7 @@ class InferenceWorker:
         A bus that does not take them leaves the flag for the relay; returns whether they were published."""
         try:
             await self._ports.bus.publish(events.completed(stored.completed, traceparent))
-            await self._ports.bus.publish(events.audit_finished(stored.completed, self._worker, traceparent))
+            await self._ports.audit.record(events.audit_finished(stored.completed, self._worker, traceparent))
         except PublishError as exc:
             log.warning(
                 "result stored but not published; the outbox relay publishes it later",
@@ -289,7 +291,7 @@ class InferenceWorker:
         metrics.FAILURES.labels(request.model, _reason_kind(reason)).inc()
         await self._ports.bus.publish(events.failed(request, reason, now, traceparent))
         try:
-            await self._ports.bus.publish(
+            await self._ports.audit.record(
                 events.audit_failed(
                     request,
                     worker=self._worker,

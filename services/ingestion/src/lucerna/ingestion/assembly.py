@@ -17,7 +17,9 @@ import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
+from lucerna.core.audit_trail import AuditTrail
 from lucerna.core.events.ports import Envelope, MessageBus
+from lucerna.core.events.topology import AUDIT_RECORD
 from lucerna.core.storage.ports import MetadataStore, ReadyStudy
 from lucerna.ingestion import events, metrics
 
@@ -47,6 +49,7 @@ class StudyAssembler:
         self,
         metadata: MetadataStore,
         bus: MessageBus,
+        audit: AuditTrail,
         quiet_period: timedelta,
         *,
         max_idle: timedelta,
@@ -54,6 +57,7 @@ class StudyAssembler:
     ) -> None:
         self._metadata = metadata
         self._bus = bus
+        self._audit = audit
         self._quiet_period = quiet_period
         self._max_idle = max_idle
         self._lease = lease
@@ -114,7 +118,7 @@ class StudyAssembler:
     async def _announce(self, ready: ReadyStudy, envelopes: list[Envelope]) -> bool:
         """Publish a burst's events, then acknowledge the burst. False when the bus refused one:
         ``envelopes`` keeps those left to publish."""
-        results = await asyncio.gather(*(self._bus.publish(e) for e in envelopes), return_exceptions=True)
+        results = await asyncio.gather(*(self._send(e) for e in envelopes), return_exceptions=True)
         left = []
         for envelope, result in zip(envelopes, results, strict=True):
             if isinstance(result, BaseException):
@@ -130,3 +134,10 @@ class StudyAssembler:
         except Exception:  # its lease expires and it is published again, with the same message ids
             log.exception("could not acknowledge burst %d of study %s", ready.burst, ready.study_uid)
         return True
+
+    async def _send(self, envelope: Envelope) -> None:
+        """The audit record goes through the audit trail (bus or channel), ``study.ready`` on the bus."""
+        if envelope.routing_key == AUDIT_RECORD:
+            await self._audit.record(envelope)
+        else:
+            await self._bus.publish(envelope)

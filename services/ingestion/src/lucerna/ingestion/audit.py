@@ -2,10 +2,12 @@
 
 The metadata store puts every newly stored instance in its audit outbox by the same write that
 stores it (``MetadataStore.put_instances``), so an instance is never kept without its audit record
-being due. The ingestion call publishes the records at once and clears them from the outbox; what
-the bus did not take (broker down, no confirm in time) stays there, and ``AuditRelay`` publishes it
-once the bus is back. Message ids are deterministic (``instance-stored:<sop>:<sha256>``), so a
-record published twice (a relay beside a slow hot path, two replicas) is recognised downstream.
+being due. The ingestion call sends the records at once through the audit trail (the bus, or the
+audit service's channel: ``lucerna.core.audit_trail``) and clears them from the outbox; what the
+trail did not take (broker or audit service down, no confirm in time) stays there, and
+``AuditRelay`` sends it once the trail is back. Message ids are deterministic
+(``instance-stored:<sop>:<sha256>``), so a record published twice (a relay beside a slow hot path,
+two replicas) is recognised downstream.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from lucerna.core.events.ports import MessageBus
+from lucerna.core.audit_trail import AuditTrail
 from lucerna.core.storage.ports import InstanceRecord, MetadataStore
 from lucerna.ingestion import events, metrics
 
 log = logging.getLogger(__name__)
 
-# The ingestion call waits no longer than this for the bus; the relay publishes what is left.
+# The ingestion call waits no longer than this for the trail; the relay publishes what is left.
 PUBLISH_TIMEOUT_SECONDS = 2.0
 # The relay leaves younger records to the ingestion call that stored them (still publishing them).
 RELAY_AFTER = timedelta(seconds=10)
@@ -30,16 +32,16 @@ RELAY_BATCH = 100
 
 async def publish_stored(
     metadata: MetadataStore,
-    bus: MessageBus,
+    trail: AuditTrail,
     records: Sequence[InstanceRecord],
     traceparent: str | None = None,
 ) -> int:
     """Publish the audit records of newly stored instances and clear them from the outbox; those
-    the bus refuses stay in the outbox for the relay. Returns how many were published."""
+    the trail refuses stay in the outbox for the relay. Returns how many were published."""
     if not records:
         return 0
     results = await asyncio.gather(
-        *(_publish(bus, record, traceparent) for record in records), return_exceptions=True
+        *(_publish(trail, record, traceparent) for record in records), return_exceptions=True
     )
     published = [r.sop_instance_uid for r, result in zip(records, results, strict=True) if result is None]
     if len(published) < len(records):
@@ -58,19 +60,19 @@ async def publish_stored(
     return len(published)
 
 
-async def _publish(bus: MessageBus, record: InstanceRecord, traceparent: str | None) -> None:
+async def _publish(trail: AuditTrail, record: InstanceRecord, traceparent: str | None) -> None:
     async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-        await bus.publish(events.instance_stored(record, traceparent))
+        await trail.record(events.instance_stored(record, traceparent))
 
 
 class AuditRelay:
     """Publishes the audit records left in the store's audit outbox, oldest first."""
 
     def __init__(
-        self, metadata: MetadataStore, bus: MessageBus, relay_after: timedelta = RELAY_AFTER
+        self, metadata: MetadataStore, trail: AuditTrail, relay_after: timedelta = RELAY_AFTER
     ) -> None:
         self._metadata = metadata
-        self._bus = bus
+        self._trail = trail
         self._relay_after = relay_after
 
     async def run_once(self, now: datetime | None = None) -> int:
@@ -79,7 +81,7 @@ class AuditRelay:
         relayed = 0
         while True:
             records = await self._metadata.pending_audit(before, RELAY_BATCH)
-            published = await publish_stored(self._metadata, self._bus, records)
+            published = await publish_stored(self._metadata, self._trail, records)
             relayed += published
             metrics.AUDIT_RELAYED.inc(published)
             if published < len(records) or len(records) < RELAY_BATCH:

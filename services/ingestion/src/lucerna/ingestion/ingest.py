@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from lucerna.core.events.ports import MessageBus
+from lucerna.core.audit_trail import AuditTrail
 from lucerna.core.storage.ports import BlobRef, BlobStore, InstanceRecord, MetadataStore, PutOutcome
 from lucerna.ingestion import audit, metrics
 from lucerna.ingestion.outcomes import Disposition, FailureReason, InstanceOutcome
@@ -32,7 +32,7 @@ class Ports:
 
     blobs: BlobStore
     metadata: MetadataStore
-    bus: MessageBus
+    audit: AuditTrail
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ async def ingest(
             outcomes[item.index] = outcome
             if outcome.disposition is Disposition.STORED:
                 stored.append(record)
-        await audit.publish_stored(ports.metadata, ports.bus, stored, traceparent)
+        await audit.publish_stored(ports.metadata, ports.audit, stored, traceparent)
 
     final = [outcome for outcome in outcomes if outcome is not None]
     assert len(final) == len(payloads), "every payload has an outcome"

@@ -60,6 +60,7 @@ class IngestionService:
         assembler = StudyAssembler(
             resources.metadata,
             resources.bus,
+            resources.audit_trail,
             timedelta(seconds=settings.quiet_period_seconds),
             max_idle=timedelta(seconds=settings.max_idle_seconds),
             lease=timedelta(seconds=settings.claim_lease_seconds),
@@ -67,7 +68,7 @@ class IngestionService:
         self._assembly = asyncio.create_task(
             assembler.run(settings.assembly_interval_seconds), name="study-assembly"
         )
-        relay = AuditRelay(resources.metadata, resources.bus)
+        relay = AuditRelay(resources.metadata, resources.audit_trail)
         self._relay = asyncio.create_task(
             relay.run(settings.audit_relay_interval_seconds), name="audit-relay"
         )
@@ -86,7 +87,7 @@ class IngestionService:
 
 
 def _ports(resources: Resources) -> Ports:
-    return Ports(blobs=resources.blobs, metadata=resources.metadata, bus=resources.bus)
+    return Ports(blobs=resources.blobs, metadata=resources.metadata, audit=resources.audit_trail)
 
 
 SERVICE = IngestionService()

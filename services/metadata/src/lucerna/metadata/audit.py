@@ -17,8 +17,8 @@ from urllib.parse import urlencode
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lucerna.core.audit_trail import AuditTrail
 from lucerna.core.events import codec
-from lucerna.core.events.ports import MessageBus
 from lucerna.core.events.topology import AUDIT_RECORD
 from lucerna.events.v1.events_pb2 import AuditRecord
 
@@ -89,7 +89,7 @@ def audit_record(read: PatientDataRead, at: datetime | None = None) -> AuditReco
     )
 
 
-async def publish_read(bus: MessageBus, read: PatientDataRead) -> None:
+async def publish_read(trail: AuditTrail, read: PatientDataRead) -> None:
     """Publish the audit record of a read, retrying briefly; a record that still cannot be published
     is logged with its content (the answer has been sent, so raising would help nobody)."""
     record = audit_record(read)
@@ -101,8 +101,8 @@ async def publish_read(bus: MessageBus, read: PatientDataRead) -> None:
     )
     for attempt, delay in enumerate((*PUBLISH_RETRY_DELAYS, None)):
         try:
-            await bus.publish(envelope)
-        except Exception as error:  # noqa: BLE001 - any bus failure is retried, then logged
+            await trail.record(envelope)
+        except Exception as error:  # noqa: BLE001 - any trail failure is retried, then logged
             if delay is None:
                 log.error(  # noqa: TRY400 - the record itself is what the log must keep
                     "lost the audit record of a patient-data read: %s",

@@ -48,7 +48,7 @@ def guarded(resources: Resources, path: str, handler: Handler, name: str) -> Rou
         if response.status_code < 300:
             response.background = BackgroundTask(
                 publish_read,
-                resources.bus,
+                resources.audit_trail,
                 PatientDataRead(
                     actor=principal.subject,
                     route=path,

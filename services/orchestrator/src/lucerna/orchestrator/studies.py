@@ -6,10 +6,11 @@ lines of its instances, so the same instances (in any order) always give the sam
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+
+from lucerna.core.events import instance_set as instance_sets
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,8 @@ def distinct(instances: Iterable[InstanceRef]) -> tuple[InstanceRef, ...]:
 
 
 def instance_set_sha256(instances: Iterable[InstanceRef]) -> str:
-    """Hex SHA-256 over the sorted ``"<sop_instance_uid>:<sha256>\\n"`` lines of the instances."""
-    lines = sorted(f"{i.sop_instance_uid}:{i.sha256}\n" for i in distinct(instances))
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    """The set's identity (``lucerna.core.events.instance_set``)."""
+    return instance_sets.instance_set_sha256((i.sop_instance_uid, i.sha256) for i in instances)
 
 
 @dataclass(frozen=True)
