@@ -45,7 +45,8 @@ test: setup lint ## the whole suite: the Go chaincode's and anchor service's tes
 	bash services/anchor/test.sh
 	$(RUN) pytest $(TEST_PATHS)
 
-up: deps protos ## run the whole platform on this machine with embedded defaults
+up: deps protos ## run the whole platform on this machine with embedded defaults (and a local Fabric ledger)
+	bash infra/local/install.sh fabric
 	$(RUN) lucerna up
 
 bench: deps protos ## benchmarks against their anchor figures (ingestion, search, inference, FHIR)

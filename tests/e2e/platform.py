@@ -99,6 +99,8 @@ class LucernaProcess:
             "LUCERNA_INFERENCE_LOCAL_GRPC_PORT": str(free_port()),
             "LUCERNA_INFERENCE_LOCAL_HTTP_PORT": str(free_port()),
             "LUCERNA_INFERENCE_LOCAL_METRICS_PORT": str(free_port()),
+            # No local Fabric ledger of its own unless a test asks for one (it anchors elsewhere or not).
+            "LUCERNA_AUDIT_LOCAL_LEDGER": "false",
             **(settings or {}),
         }
         self.log_path = data_dir / "lucerna.log"

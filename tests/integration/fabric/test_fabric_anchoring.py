@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,6 @@ from lucerna.audit.keys import Keyring
 from lucerna.audit.log import LogEntry, SqliteAuditLog
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def origin() -> str:
-    """An origin of its own, so that the test's anchors share nothing with another test's."""
-    return f"lucerna.test/{uuid.uuid4().hex[:12]}/audit-log"
-
-
-@pytest.fixture
-async def audit_log(tmp_path: Path) -> AsyncIterator[SqliteAuditLog]:
-    log = SqliteAuditLog(tmp_path / "audit.sqlite")
-    await log.start()
-    yield log
-    await log.close()
 
 
 async def _grow(log: SqliteAuditLog, count: int, prefix: str = "record") -> None:

@@ -7,8 +7,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import secrets
 from collections.abc import Sequence
 
+from pydantic import SecretStr
 from starlette.routing import BaseRoute
 
 from lucerna.audit.accesses import Accesses, build_accesses
@@ -19,6 +22,7 @@ from lucerna.audit.auditevent_api import auditevent_routes
 from lucerna.audit.checkpoints import Checkpoint, sign
 from lucerna.audit.grpc_api import AppendApi, build_append_api
 from lucerna.audit.keys import Keyring
+from lucerna.audit.local_ledger import plan as plan_local_ledger
 from lucerna.audit.log import Appended, AuditLog, LogEntry, MongoAuditLog, SqliteAuditLog
 from lucerna.audit.settings import AuditSettings
 from lucerna.core.events import codec
@@ -30,6 +34,8 @@ from lucerna.events.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 AUDIT_QUEUE = "audit.records"
+# The local ledger's launcher reads the anchor service's token from the anchor service's own variable.
+LEDGER_TOKEN_VARIABLE = "LUCERNA_ANCHOR_TOKEN"  # noqa: S105 -- the variable's name, not a secret
 CHECKPOINTER_STOP_SECONDS = 5.0
 
 
@@ -106,6 +112,29 @@ class AuditService:
         if self._settings is None:
             self._settings = AuditSettings()
         return self._settings
+
+    def companion_command(self, settings: CoreSettings) -> list[str] | None:
+        """The local Fabric ledger (``local_ledger.plan``), started once per host by ``lucerna up``/
+        ``lucerna serve``; None when anchoring goes elsewhere or nowhere. Points anchoring at it:
+        the anchorer retries until the ledger answers."""
+        ledger = plan_local_ledger(self.settings, settings)
+        if ledger is None:
+            return None
+        given = self.settings.anchor_token
+        token = given.get_secret_value() if given is not None else secrets.token_urlsafe(32)
+        # Inherited by the ledger's launcher and by the worker processes forked after it; this
+        # process's own service object (one worker) reads its settings already made.
+        os.environ.update(
+            {
+                "LUCERNA_AUDIT_ANCHOR_TARGET": ledger.target,
+                "LUCERNA_AUDIT_ANCHOR_TOKEN": token,
+                LEDGER_TOKEN_VARIABLE: token,
+            }
+        )
+        self._settings = self.settings.model_copy(
+            update={"anchor_target": ledger.target, "anchor_token": SecretStr(token)}
+        )
+        return ledger.command
 
     async def readiness(self) -> dict[str, bool]:
         """Started and the log's stores reachable."""

@@ -26,6 +26,13 @@ class AuditSettings(BaseSettings):
     # anchoring. Its bearer token, when it asks for one (never logged).
     anchor_target: str | None = None
     anchor_token: SecretStr | None = None
+    # A local Fabric network and anchor service (infra/local/ledger.py), started by `lucerna up` /
+    # `lucerna serve audit` as this service's companion and kept in <LUCERNA_DATA_DIR>/ledger; the
+    # anchor target and token then point at it. Unset: on in local mode when Fabric and Go are
+    # installed and no anchor target is set, off otherwise; true: on, or refuse to start saying why.
+    local_ledger: bool | None = None
+    # The first of its 11 loopback ports: the Fabric network's 10, then the anchor service's.
+    local_ledger_port: int = Field(default=19050, ge=1024, le=65535 - 10)
     # The append API over the post-quantum channel (gRPC, ADR 0017), e.g. "127.0.0.1:8097"; unset: off.
     grpc_listen: str | None = None
     # This service's channel identity (ML-DSA-65 key pair, JSON, mode 0600) and the clients it trusts
