@@ -216,22 +216,18 @@ class AuditService:
         if self._append_api is not None:
             await self._append_api.stop()
             self._append_api = None
-        if self._anchoring is not None:
-            self._stopping.set()
-            await asyncio.wait([self._anchoring], timeout=CHECKPOINTER_STOP_SECONDS)
-            self._anchoring.cancel()
-            self._anchoring = None
+        self._stopping.set()
+        for task in (self._anchoring, self._checkpointing):
+            if task is not None:
+                await asyncio.wait([task], timeout=CHECKPOINTER_STOP_SECONDS)
+                task.cancel()
+        self._anchoring = self._checkpointing = None
         if self._anchorer is not None:
             await self._anchorer.ledger.close()
             self._anchorer = None
         if self._anchors is not None:
             await self._anchors.close()
             self._anchors = None
-        if self._checkpointing is not None:
-            self._stopping.set()
-            await asyncio.wait([self._checkpointing], timeout=CHECKPOINTER_STOP_SECONDS)
-            self._checkpointing.cancel()
-            self._checkpointing = None
         if self._log is not None:
             await self._log.close()
             self._log = None
