@@ -6,9 +6,10 @@ Usage: uv run python -m tests.bench.audit_channel [--seconds 20] [--clients 4] [
 services hold) and ``--producers`` concurrent appends in flight, into the audit service's append path
 as it runs in this process: the gRPC server, the group commit into the SQLite log (``synchronous=FULL``)
 and the checkpointer signing every 1,000 entries or second. Clients and server share this machine's
-cores, so the figure includes both ends' AES-GCM, protobuf and gRPC work. Beside it, the same records
-appended in this process straight to the append path (no channel) in the same run, and the cost of a
-handshake (both sides).
+cores, so the figure includes both ends' AES-GCM, protobuf and gRPC work; ``appends_per_frame`` is how
+many appends the clients' batches carried on average. Beside it, the same records appended in this
+process straight to the append path (no channel) in the same run, and the cost of a handshake (both
+sides).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ async def _appending(folder: Path, name: str, args: argparse.Namespace, *, chann
     await api.start()
     stopping = asyncio.Event()
     checkpointing = asyncio.create_task(checkpointer.run(stopping))
+    figures: dict[str, Any] = {}
     if not channel:
         began = time.perf_counter()
         total = await _produce(None, 0, args.seconds, args.clients * args.producers, submit)
@@ -76,27 +78,31 @@ async def _appending(folder: Path, name: str, args: argparse.Namespace, *, chann
                 )
                 for n, identity in enumerate(identities)
             ]
-            rate = sum(await asyncio.gather(*jobs))
+            clients = await asyncio.gather(*jobs)
+            rate = sum(client_rate for client_rate, _, _ in clients)
+            appends, frames = sum(c[1] for c in clients), sum(c[2] for c in clients)
+            figures["appends_per_frame"] = round(appends / frames, 1)
     stopping.set()
     await checkpointing
     await api.stop()
     entries, checkpoints = await audit_log.size(), len(await audit_log.checkpoints(limit=1000))
     await audit_log.close()
-    return {"appends_per_s": round(rate), "entries": entries, "checkpoints": checkpoints}
+    return {"appends_per_s": round(rate), **figures, "entries": entries, "checkpoints": checkpoints}
 
 
 def _client_process(
     target: str, identity: Identity, server: Identity, n: int, seconds: float, producers: int
-) -> float:
-    """Appends/s of one client process, timed from its first append after the handshake."""
+) -> tuple[float, int, int]:
+    """Appends/s of one client process, timed from its first append after the handshake; the appends
+    and the frames that carried them."""
 
-    async def run() -> float:
+    async def run() -> tuple[float, int, int]:
         client = AuditChannelClient(target, identity, {server.name: server.public_key}, server.name)
         await client.append(f"warm-up:{n}", events_pb2.AuditRecord.FromString(record(0)))  # the handshake
         try:
-            began = time.perf_counter()
+            began, frames_before = time.perf_counter(), client.records_sent
             done = await _produce(client, n, seconds, producers, None)
-            return done / (time.perf_counter() - began)
+            return done / (time.perf_counter() - began), done, client.records_sent - frames_before
         finally:
             await client.close()
 

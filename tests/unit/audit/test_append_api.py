@@ -1,10 +1,11 @@
 """The append API over the post-quantum channel, on an in-process gRPC server (loopback, port 0) and a
-SQLite log: appends land once, concurrently; wrong keys, impostors, replays and flipped bits are
-refused with nothing appended."""
+SQLite log: appends land once, concurrently, a burst of them in a few batches; wrong keys, impostors,
+replays and flipped bits are refused with nothing appended."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -75,6 +76,12 @@ class Server:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with _serving(tmp_path) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def _serving(tmp_path: Path, **session_options: Any) -> AsyncIterator[Server]:
     audit_log = SqliteAuditLog(tmp_path / "audit.sqlite")
     await audit_log.start()
     appender: GroupAppender[LogEntry, Appended] = GroupAppender(audit_log.append)
@@ -82,11 +89,14 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
     async def submit(key: str, message: events_pb2.AuditRecord) -> Appended:
         return await appender.append(LogEntry(key, message.SerializeToString(deterministic=True)))
 
-    api = AppendApi("127.0.0.1:0", AppendSessions(SERVER, SERVER_TRUSTS, submit), max_message_bytes=64 * 1024)
+    sessions = AppendSessions(SERVER, SERVER_TRUSTS, submit, **session_options)
+    api = AppendApi("127.0.0.1:0", sessions, max_message_bytes=64 * 1024)
     await api.start()
-    yield Server(audit_log, api)
-    await api.stop()
-    await audit_log.close()
+    try:
+        yield Server(audit_log, api)
+    finally:
+        await api.stop()
+        await audit_log.close()
 
 
 class RawSession:
@@ -106,15 +116,25 @@ class RawSession:
         return cls(call, channel)
 
     def request(self, request_id: int, message_id: str) -> bytes:
-        request = auditlog_pb2.AppendRequest(request_id=request_id, message_id=message_id, record=record(1))
-        return self.channel.encrypt(request.SerializeToString())
+        """A record carrying a batch of one request."""
+        return self.batch(
+            auditlog_pb2.AppendRequest(request_id=request_id, message_id=message_id, record=record(1))
+        )
+
+    def batch(self, *requests: auditlog_pb2.AppendRequest) -> bytes:
+        return self.channel.encrypt(auditlog_pb2.AppendBatch(requests=requests).SerializeToString())
 
     async def send(self, data: bytes) -> None:
         await self.call.write(auditlog_pb2.Frame(data=data))
 
+    async def results(self) -> list[auditlog_pb2.AppendResponse]:
+        """The responses of the next record from the server."""
+        results = auditlog_pb2.AppendResults()
+        results.ParseFromString(self.channel.decrypt((await self.call.read()).data))
+        return list(results.responses)
+
     async def response(self) -> auditlog_pb2.AppendResponse:
-        response = auditlog_pb2.AppendResponse()
-        response.ParseFromString(self.channel.decrypt((await self.call.read()).data))
+        (response,) = await self.results()
         return response
 
     async def refusal(self) -> tuple[grpc.StatusCode, str]:
@@ -158,6 +178,94 @@ async def test_concurrent_appends_share_one_session_and_get_dense_sequences(serv
         stored = await server.log.entry(responses[n].sequence)
         assert stored is not None
         assert stored.key == f"m{n}"
+
+
+async def test_a_burst_of_concurrent_appends_travels_in_fewer_frames_than_requests(server: Server) -> None:
+    client = server.client(max_batch=100)
+    await client.append("m-first", record(0))  # the handshake, and one frame for one lone append
+    assert client.records_sent == 1
+    responses = await asyncio.gather(*(client.append(f"m{n}", record(n)) for n in range(300)))
+    burst_frames = client.records_sent - 1
+    await client.close()
+
+    assert 3 <= burst_frames < 300  # batched, and never more than max_batch requests in one
+    assert sorted(r.sequence for r in responses) == list(range(1, 301))
+    assert await server.log.size() == 301
+    for n in (0, 150, 299):
+        stored = await server.log.entry(responses[n].sequence)
+        assert stored is not None
+        assert stored.key == f"m{n}"
+    assert client.handshakes == 1
+
+
+async def test_a_record_too_large_for_a_message_is_refused_before_it_is_sent(server: Server) -> None:
+    client = server.client(max_message_bytes=8 * 1024)
+    large = record(1)
+    large.details["note"] = "x" * 9000
+    with pytest.raises(AuditChannelError, match=r"audit record m1 is \d+ bytes; the channel carries at most"):
+        await client.append("m1", large)
+    assert client.records_sent == 0
+    assert (await client.append("m2", record(2))).sequence == 0  # nothing else was disturbed
+    await client.close()
+    assert await server.log.size() == 1
+
+
+async def test_a_batch_is_answered_in_one_frame_and_its_invalid_requests_do_not_stop_the_rest(
+    server: Server,
+) -> None:
+    async with grpc.aio.insecure_channel(server.target) as grpc_channel:
+        session = await RawSession.open(grpc_channel)
+        await session.send(
+            session.batch(
+                auditlog_pb2.AppendRequest(request_id=1, message_id="m1", record=record(1)),
+                auditlog_pb2.AppendRequest(request_id=2, message_id="", record=record(2)),
+                auditlog_pb2.AppendRequest(request_id=3, message_id="m3", record=record(3)),
+            )
+        )
+        answered = {response.request_id: response for response in await session.results()}
+        session.call.cancel()
+    assert set(answered) == {1, 2, 3}
+    assert "message_id must be" in answered[2].error
+    assert sorted(answered[n].sequence for n in (1, 3)) == [0, 1]
+    assert not answered[1].error and not answered[3].error
+    assert await server.log.size() == 2
+
+
+async def test_an_answer_too_large_for_one_message_comes_in_several(tmp_path: Path) -> None:
+    # Every request refused: each response carries an error text, 40 of them more than 1 KiB.
+    async with (
+        _serving(tmp_path, max_message_bytes=1024) as running,
+        grpc.aio.insecure_channel(running.target) as grpc_channel,
+    ):
+        session = await RawSession.open(grpc_channel)
+        refused = [
+            auditlog_pb2.AppendRequest(request_id=n, message_id="m", record=record(n)) for n in range(40)
+        ]
+        for request in refused:
+            request.record.ClearField("service")
+        await session.send(session.batch(*refused))
+        answered: list[auditlog_pb2.AppendResponse] = []
+        frames = 0
+        while len(answered) < 40:
+            answered += await session.results()
+            frames += 1
+        session.call.cancel()
+        assert await running.log.size() == 0
+    assert frames > 1
+    assert sorted(r.request_id for r in answered) == list(range(40))
+    assert all("does not name the service" in r.error for r in answered)
+
+
+async def test_a_record_that_is_not_a_batch_ends_the_session_with_nothing_appended(server: Server) -> None:
+    # A bare AppendRequest: what a client from before batching sent.
+    async with grpc.aio.insecure_channel(server.target) as grpc_channel:
+        session = await RawSession.open(grpc_channel)
+        bare = auditlog_pb2.AppendRequest(request_id=1, message_id="m1", record=record(1))
+        await session.send(session.channel.encrypt(bare.SerializeToString()))
+        code, details = await session.refusal()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an AppendBatch of at least one request" in details
+    assert await server.log.size() == 0
 
 
 async def test_an_invalid_record_is_answered_with_an_error_and_nothing_appended(server: Server) -> None:

@@ -3,16 +3,19 @@
 A session is one bidirectional gRPC stream. It opens with the channel handshake (``pqchannel``: m1 from
 the client, m2 from here, m3 from the client), in which both sides prove their long-term ML-DSA-65 key
 against the other's pinned one; after it every frame is one channel record whose plaintext is an
-``AppendRequest`` (in) or an ``AppendResponse`` (out). Requests of a session are handled concurrently,
-answered in the order their appends complete, matched by ``request_id``; every append goes through
-the audit service's one ``submit`` path, so an append is durable before it is answered and a message
-id appended twice keeps its first place.
+``AppendBatch`` (in) or an ``AppendResults`` (out). A batch's requests are appended concurrently (the
+group commit makes them one transaction) and answered together in one frame, or in several when one
+would exceed the message limit; batches of a session are handled concurrently, answered in the order
+they complete, responses matched by ``request_id``. Every append goes through the audit service's one
+``submit`` path, so an append is durable before it is answered and a message id appended twice keeps
+its first place.
 
 Refusals: a handshake that fails (unknown client, wrong key, bad signature) ends the call with
 UNAUTHENTICATED before anything is appended; so does a record that fails authentication (altered,
 replayed, out of the replay window): whoever sent it has not shown they hold the session's keys, and
-the session is not trusted further. A request that authenticates but carries no usable record gets an
-``AppendResponse`` with ``error`` set and nothing appended.
+the session is not trusted further. An authentic plaintext that is not a batch of at least one request
+ends it with INVALID_ARGUMENT. A request that carries no usable record gets an ``AppendResponse`` with
+``error`` set and nothing appended; the rest of its batch is appended.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from google.protobuf.message import DecodeError
 from lucerna.audit.log import Appended
 from lucerna.audit.settings import AuditSettings
 from lucerna.auditlog.v1 import auditlog_pb2, auditlog_pb2_grpc
-from lucerna.core.audit_channel import local_channel_keys
+from lucerna.core.audit_channel import DEFAULT_MAX_MESSAGE_BYTES, RECORD_OVERHEAD_BYTES, local_channel_keys
 from lucerna.core.pqchannel import Channel, ChannelError, Identity, Responder, TrustStore
 from lucerna.core.pqchannel_keys import ChannelKeyError, load_identity, load_trust_store
 from lucerna.core.settings import CoreSettings
@@ -55,34 +58,48 @@ class AppendSessions(auditlog_pb2_grpc.AuditLogServicer):
         submit: Submit,
         *,
         max_in_flight: int = 256,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
     ) -> None:
         self._identity = identity
         self._trusted = trusted
         self._submit = submit
         self._max_in_flight = max_in_flight
+        self._max_results_bytes = max_message_bytes - RECORD_OVERHEAD_BYTES
         self._handshake_timeout = handshake_timeout
 
     async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802 - gRPC's name
-        """One channel session: the handshake, then append requests until the client half-closes."""
+        """One channel session: the handshake, then batches of append requests until the client
+        half-closes."""
         del request_iterator  # frames are read with context.read(), beside concurrent writes
         channel = await self._handshake(context)
         in_flight = asyncio.Semaphore(self._max_in_flight)
         writing = asyncio.Lock()
         handling: set[asyncio.Task[None]] = set()
 
-        async def answer(response: auditlog_pb2.AppendResponse) -> None:
+        async def answer(responses: list[auditlog_pb2.AppendResponse]) -> None:
             async with writing:  # one write at a time on the stream; records leave in sequence order
-                await context.write(auditlog_pb2.Frame(data=channel.encrypt(response.SerializeToString())))
+                for plaintext in _results(responses, self._max_results_bytes):
+                    await context.write(auditlog_pb2.Frame(data=channel.encrypt(plaintext)))
+
+        def releasing(permits: int) -> Callable[[object], None]:
+            def release(_: object) -> None:
+                for _ in range(permits):
+                    in_flight.release()
+
+            return release
 
         try:
             while (frame := await context.read()) is not grpc.aio.EOF:
-                request = await self._request(channel, frame, context)
-                await in_flight.acquire()  # back-pressure: at most max_in_flight appends per session
-                task = asyncio.create_task(self._handle(request, answer))
+                batch = await self._batch(channel, frame, context)
+                # Back-pressure: at most max_in_flight appends per session (a larger batch runs alone).
+                permits = min(len(batch.requests), self._max_in_flight)
+                for _ in range(permits):
+                    await in_flight.acquire()
+                task = asyncio.create_task(self._handle(batch, answer))
                 handling.add(task)
                 task.add_done_callback(handling.discard)
-                task.add_done_callback(lambda _: in_flight.release())
+                task.add_done_callback(releasing(permits))
             await asyncio.gather(*handling)  # answer everything asked before the half-close
         finally:
             for task in handling:
@@ -119,29 +136,37 @@ class AppendSessions(auditlog_pb2_grpc.AuditLogServicer):
         log.info("audit channel session opened by %s", channel.peer)
         return channel
 
-    async def _request(
+    async def _batch(
         self, channel: Channel, frame: auditlog_pb2.Frame, context: grpc.aio.ServicerContext
-    ) -> auditlog_pb2.AppendRequest:
+    ) -> auditlog_pb2.AppendBatch:
         try:
             plaintext = channel.decrypt(frame.data)
         except ChannelError as error:
             log.warning("audit channel record from %s refused: %s", channel.peer, error)
             await _refuse(context, grpc.StatusCode.UNAUTHENTICATED, f"record refused: {error}")
-        request = auditlog_pb2.AppendRequest()
+        batch = auditlog_pb2.AppendBatch()
         try:
-            request.ParseFromString(plaintext)
+            batch.ParseFromString(plaintext)
         except DecodeError:
-            # Authentic but unparseable: a broken client, and no request id to answer to.
+            batch.Clear()
+        if not batch.requests:
+            # Authentic but unusable: a broken or outdated client (a bare AppendRequest parses as an
+            # empty batch), and no request id to answer to.
             await _refuse(
-                context, grpc.StatusCode.INVALID_ARGUMENT, "a record's plaintext is not an AppendRequest"
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a record's plaintext is not an AppendBatch of at least one request",
             )
-        return request
+        return batch
 
     async def _handle(
         self,
-        request: auditlog_pb2.AppendRequest,
-        answer: Callable[[auditlog_pb2.AppendResponse], Awaitable[None]],
+        batch: auditlog_pb2.AppendBatch,
+        answer: Callable[[list[auditlog_pb2.AppendResponse]], Awaitable[None]],
     ) -> None:
+        await answer(await asyncio.gather(*(self._append(request) for request in batch.requests)))
+
+    async def _append(self, request: auditlog_pb2.AppendRequest) -> auditlog_pb2.AppendResponse:
         response = auditlog_pb2.AppendResponse(request_id=request.request_id)
         problem = invalid_request(request)
         if problem is not None:
@@ -154,13 +179,23 @@ class AppendSessions(auditlog_pb2_grpc.AuditLogServicer):
                 response.error = "the log could not append the record (nothing was appended); retry"
             else:
                 response.sequence, response.duplicate = appended.seq, not appended.new
-        await answer(response)
+        return response
 
 
 async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
     """End the call with ``code``; nothing of it is appended after this."""
     await context.abort(code, details)
     raise AssertionError("ServicerContext.abort returns only by raising")
+
+
+def _results(responses: list[auditlog_pb2.AppendResponse], max_bytes: int) -> list[bytes]:
+    """The serialized ``AppendResults`` answering a batch: one, or halves until each fits ``max_bytes``
+    (a batch of refused requests carries an error text each and may not fit in one message)."""
+    plaintext = auditlog_pb2.AppendResults(responses=responses).SerializeToString()
+    if len(plaintext) <= max_bytes or len(responses) == 1:
+        return [plaintext]
+    half = len(responses) // 2
+    return _results(responses[:half], max_bytes) + _results(responses[half:], max_bytes)
 
 
 def invalid_request(request: auditlog_pb2.AppendRequest) -> str | None:
@@ -216,7 +251,13 @@ def build_append_api(settings: AuditSettings, core: CoreSettings, submit: Submit
     """The append API for these settings, its keys loaded (``ChannelKeyError`` if unusable), not started."""
     assert settings.grpc_listen is not None
     identity, trusted = channel_keys(settings, core)
-    sessions = AppendSessions(identity, trusted, submit, max_in_flight=settings.grpc_max_in_flight)
+    sessions = AppendSessions(
+        identity,
+        trusted,
+        submit,
+        max_in_flight=settings.grpc_max_in_flight,
+        max_message_bytes=settings.grpc_max_message_bytes,
+    )
     return AppendApi(settings.grpc_listen, sessions, max_message_bytes=settings.grpc_max_message_bytes)
 
 
