@@ -49,10 +49,11 @@ up: deps protos ## run the whole platform on this machine with embedded defaults
 	bash infra/local/install.sh fabric
 	$(RUN) lucerna up
 
-bench: deps protos ## benchmarks against their anchor figures (ingestion, search, inference, FHIR)
+bench: deps protos ## benchmarks against their anchor figures (ingestion, search, inference, FHIR, audit)
 	$(RUN) python -m tests.bench.run
 	$(RUN) python -m tests.bench.inference
 	$(RUN) python -m tests.bench.fhir
+	$(RUN) python -m tests.bench.audit
 
 train: deps ## train, export (FP32 + INT8) and evaluate the shipped models on CPU (~25 min; see services/inference/training)
 	test -x $(TRAIN_PY) || $(UV) venv --python 3.11 $(TRAIN_VENV)

@@ -24,6 +24,7 @@ from lucerna.core.storage.ports import (
     Query,
     ReadyStudy,
     SearchIndex,
+    StudyPatient,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "test_series_and_instance_queries",
     "test_study_attribute_in_a_series_query_filters_by_parent_study",
     "test_study_response_has_every_study_attribute",
+    "test_the_patients_of_studies_for_the_audit",
     "test_unknown_attribute_or_fuzzy_kind_is_refused",
 ]
 
@@ -175,6 +177,17 @@ async def three_studies(store: MetadataStore) -> None:
 async def test_ping(store: MetadataStore, search: SearchIndex) -> None:
     assert await store.ping()
     assert await search.ping()
+
+
+async def test_the_patients_of_studies_for_the_audit(store: MetadataStore) -> None:
+    await three_studies(store)
+    issued = make("1.2.4", "1.2.4.1", "1.2.4.1.1", patient_id=" P4 ")
+    issued.dataset[TAGS["IssuerOfPatientID"][0]] = element("IssuerOfPatientID", "HOSP A")
+    issued = replace(issued, attributes=derive(issued.dataset))
+    assert await store.put_instances([issued]) == [PutOutcome.CREATED]
+    found = await store.study_patients(["1.2.2", "1.2.4", "9.9.9", "1.2.2"])
+    assert found == {"1.2.2": StudyPatient("P2", ""), "1.2.4": StudyPatient("P4", "HOSP A")}
+    assert await store.study_patients([]) == {}
 
 
 async def test_put_duplicate_and_conflict(store: MetadataStore) -> None:

@@ -68,7 +68,8 @@ async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await index.start()
     yield Setup(index, store)
     if isinstance(index, ElasticResourceIndex):
-        await index.client.indices.delete(index=index._index)
+        behind = await index.client.indices.get_alias(name=index._index)  # the concrete generation (ADR 0020)
+        await index.client.indices.delete(index=",".join(behind))
         await index.close()
     await store.close()
 

@@ -20,7 +20,7 @@ from lucerna.audit.anchoring import (
     AnchorRefusedError,
     SqliteAnchorStore,
 )
-from lucerna.audit.checkpoints import Checkpoint, SignedCheckpoint, sign
+from lucerna.audit.checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, TrustedKey, sign, verify
 from lucerna.audit.keys import Keyring
 from lucerna.audit.log import LogEntry, SqliteAuditLog
 from tests.contract import anchor_store
@@ -31,7 +31,8 @@ ORIGIN = "lucerna.test/audit-log"
 
 
 class FakeLedger:
-    """The chaincode's rules in memory: registered keys, one anchor per size, consistency enforced."""
+    """The chaincode's rules in memory: registered keys (a checkpoint must be signed by one), one
+    anchor per size, consistency enforced."""
 
     def __init__(self) -> None:
         self.keys: dict[str, bytes] = {}
@@ -46,7 +47,10 @@ class FakeLedger:
 
     async def anchor(self, origin: str, note: str, consistency_proof: Sequence[bytes]) -> Anchor:
         self._reachable()
-        checkpoint = SignedCheckpoint.parse(note).checkpoint
+        try:
+            checkpoint = verify(note, [TrustedKey.of(name, key) for name, key in self.keys.items()])
+        except CheckpointError as error:
+            raise AnchorRefusedError(f"not signed by a registered key: {error}") from error
         latest = max(self.anchors.values(), key=lambda a: a.size, default=None)
         if latest is not None:
             if checkpoint.size < latest.size:

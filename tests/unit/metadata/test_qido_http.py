@@ -205,3 +205,6 @@ async def test_each_search_is_audited(env: Env) -> None:
     assert "SMITH" not in record.details["query"]  # PHI is hashed, never in clear
     assert "PatientName=sha256%3A" in record.details["query"]
     assert f"StudyInstanceUID={study}" in record.details["query"]
+    patient_id = env.records["b"].attributes["PatientID"]  # read back from the study's row
+    assert patient_id and record.dicom_patient.patient_id == patient_id
+    assert patient_id not in str(dict(record.details))

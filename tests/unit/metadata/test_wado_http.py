@@ -213,6 +213,7 @@ async def test_retrieval_is_audited(env: Env) -> None:
         record.sop_instance_uid,
     )
     assert envelope.correlation_id == record.study_uid
+    assert audit.dicom_patient.patient_id == record.attributes["PatientID"]  # from the record served
     not_found = len(env.audits)
     await env.client.get("/dicom-web/studies/1.2.3.999/metadata")
     assert len(await env.wait_for_audits(not_found + 1, seconds=0.2)) == not_found  # only successful reads

@@ -13,6 +13,10 @@ Several processes may serve one log (``lucerna serve`` runs workers; replicas sh
 of them anchors at a time, under a lease in the ``AnchorStore`` (renewed while it works, taken over
 once it lapses); the others only poll, so they never race each other's transactions.
 
+The chaincode accepts only checkpoints signed by a key registered for the origin: every key is
+registered on start, and a checkpoint signed by a key not registered yet (a rotation while running:
+``keys.Keyring.refresh``) has its key registered before it is anchored.
+
 On start, the ledger's latest anchor of the origin is read back: a crash between a commit and its
 record loses nothing, and a ledger holding a root that is not the log's is reported loudly (the log
 or the ledger was rewritten) and never anchored over.
@@ -359,11 +363,12 @@ class Anchorer:
         self.owner = uuid.uuid4().hex
         self.anchored: Anchor | None = None  # the ledger's latest anchor of the origin, as far as we know
         self.halted: str | None = None  # why anchoring stopped for good (a ledger that is not our log's)
+        self.registered: set[tuple[str, bytes]] = set()  # (name, key ID) of the keys registered
 
     async def prepare(self) -> None:
         """Register the log's public keys and catch up with what the ledger already holds."""
-        for key in self.keyring.signing_keys():
-            await self.ledger.register_key(self.origin, key.name, key.public_key)
+        self.registered = set()
+        await self._register_keys()
         on_ledger = await self.ledger.latest(self.origin)
         if on_ledger is not None:
             await self._check_ours(on_ledger)
@@ -377,6 +382,7 @@ class Anchorer:
             return None
         old_size = 0 if self.anchored is None else self.anchored.size
         proof = await self.log.consistency_proof(old_size, newest.checkpoint.size) if old_size else []
+        await self._register_signers(newest)
         anchor = await self.ledger.anchor(self.origin, newest.note(), proof)
         await self.store.add(anchor)
         self.anchored = anchor
@@ -422,6 +428,25 @@ class Anchorer:
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_first_of(self.wake, stopping), POLL_SECONDS)
+
+    async def _register_signers(self, signed: SignedCheckpoint) -> None:
+        """Register the keys that signed ``signed`` if they are not yet: a key rotated after
+        ``prepare``, maybe by another process (the keyring is then read again at once)."""
+        signers = {(s.name, s.key_id) for s in signed.signatures}
+        if signers <= self.registered:
+            return
+        held = {(key.name, key.key_id) for key in self.keyring.signing_keys()}
+        if not signers <= held:
+            await asyncio.to_thread(self.keyring.refresh, force=True)
+        await self._register_keys()
+
+    async def _register_keys(self) -> None:
+        """Register every key of the keyring not registered yet (registration is idempotent)."""
+        for key in self.keyring.signing_keys():
+            if (key.name, key.key_id) not in self.registered:
+                await self.ledger.register_key(self.origin, key.name, key.public_key)
+                self.registered.add((key.name, key.key_id))
+                log.info("signing key registered with the ledger", extra={"key": key.name})
 
     async def _check_ours(self, anchor: Anchor) -> None:
         """Refuse to go on from a ledger anchor whose root is not the log's at that size."""

@@ -20,6 +20,7 @@ Errors are ``{"error": "..."}`` with 400, 401/403, 404 or 503.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -108,6 +109,7 @@ def audit_routes(
         ring = keyring()
         if ring is None:
             raise HTTPException(503, "the audit service is starting; try again shortly")
+        await asyncio.to_thread(ring.refresh)  # a rotated key is listed within REFRESH_SECONDS
         return JSONResponse({"origin": ring.origin, "keys": ring.public_keys()})
 
     return [

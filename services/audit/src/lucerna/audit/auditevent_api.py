@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
 
 from fhir.resources.R4B.auditevent import AuditEvent
 from starlette.exceptions import HTTPException
@@ -35,7 +34,7 @@ from lucerna.audit.log import AuditLog
 from lucerna.core.pqchannel import ChannelError
 from lucerna.core.service import Resources
 from lucerna.fhir.outcome import FHIR_JSON, FhirError, error_response, from_http_exception
-from lucerna.fhir.search import DEFAULT_COUNT, MAX_COUNT, date_range
+from lucerna.fhir.search import DEFAULT_COUNT, MAX_COUNT, date_range, paging_links
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,14 @@ def auditevent_routes(
             "resourceType": "Bundle",
             "type": "searchset",
             **({"total": total} if total is not None else {}),
-            "link": _links(f"{base}/AuditEvent", used, query, total, len(events)),
+            "link": paging_links(
+                f"{base}/AuditEvent",
+                used,
+                count=query.count,
+                offset=query.offset,
+                total=total,
+                found=len(events),
+            ),
         }
         if entries:
             bundle["entry"] = entries
@@ -360,31 +366,6 @@ def _instant(moment: datetime) -> str:
 
 def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
-
-
-def _links(
-    path: str, used: list[tuple[str, str]], query: EventQuery, total: int | None, found: int
-) -> list[dict[str, str]]:
-    def url(pairs: list[tuple[str, str]]) -> str:
-        return f"{path}?{urlencode(pairs)}" if pairs else path
-
-    links = [{"relation": "self", "url": url(used)}]
-    count, offset = query.count, query.offset
-    if count == 0:
-        return links
-    kept = [(name, value) for name, value in used if name not in ("_count", "_offset")]
-
-    def page(start: int) -> str:
-        return url([*kept, ("_count", str(count)), ("_offset", str(start))])
-
-    links.append({"relation": "first", "url": page(0)})
-    if offset > 0:
-        links.append({"relation": "previous", "url": page(max(0, offset - count))})
-    if (offset + count < total) if total is not None else found == count:
-        links.append({"relation": "next", "url": page(offset + count)})
-    if total is not None:
-        links.append({"relation": "last", "url": page(max(0, (total - 1) // count * count))})
-    return links
 
 
 def _json(value: dict[str, Any]) -> Response:

@@ -7,6 +7,10 @@ directory and a file readable by others is refused at load. A file is written wh
 name and linked into place, which fails if the name is taken: two processes starting (or rotating)
 at once never overwrite each other's key; the loser reloads and uses the winner's.
 
+A running service notices a rotation made by another process (``lucerna audit-keys rotate``, another
+worker) through ``refresh``: a listing of the directory at most every ``REFRESH_SECONDS``, done
+before each checkpoint is signed and each time the public keys are served.
+
 Private keys never appear in a repr, a log line or ``public_keys()``.
 """
 
@@ -16,6 +20,7 @@ import base64
 import json
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _FILE = re.compile(r"key-([1-9][0-9]*)\.json")
 _SELF_TEST = b"lucerna audit key self-test\n"
+# How stale a running service's view of the key directory may be: a rotation takes effect within it.
+REFRESH_SECONDS = 2.0
 
 
 class KeyringError(RuntimeError):
@@ -73,20 +80,23 @@ class SigningKey:
 
 
 class Keyring:
-    """The signing keys in ``directory``; the first key is created when there is none."""
+    """The signing keys in ``directory``; the first key is created when there is none (unless
+    ``create`` is false: an operator's command that only reads)."""
 
-    def __init__(self, directory: Path, origin: str = DEFAULT_ORIGIN) -> None:
+    def __init__(self, directory: Path, origin: str = DEFAULT_ORIGIN, *, create: bool = True) -> None:
         self.directory = directory
         self.origin = origin
         self._keys: dict[int, SigningKey] = {}
+        self._listed = time.monotonic()
         self.reload()
-        if not self._keys:
+        if not self._keys and create:
             self._create(1)
 
     @property
     def active(self) -> SigningKey:
         """The key that signs new checkpoints (the newest)."""
-        return self._keys[max(self._keys)]
+        keys = self._keys  # one read: ``refresh`` may swap the dict from another thread
+        return keys[max(keys)]
 
     def signing_keys(self) -> list[SigningKey]:
         """Every key, newest first."""
@@ -97,6 +107,31 @@ class Keyring:
         self.reload()
         self._create(max(self._keys, default=0) + 1)
         return self.active
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Reload if the directory's key files are not the ones held (a rotation elsewhere); lists
+        the directory at most every ``REFRESH_SECONDS`` unless ``force``. Whether the keys changed.
+        A new file that cannot be used is logged and the keys held stay in use."""
+        now = time.monotonic()
+        if not force and now - self._listed < REFRESH_SECONDS:
+            return False
+        self._listed = now
+        try:
+            names = [path.name for path in self.directory.iterdir()]
+        except OSError as error:
+            log.error("audit key directory not readable, %s stays active: %s", self.active.name, error)  # noqa: TRY400 - the reason is the message
+            return False
+        listed = {int(m.group(1)) for name in names if (m := _FILE.fullmatch(name))}
+        if not listed or listed == set(self._keys):
+            return False
+        try:
+            self.reload()
+        except KeyringError as error:
+            log.error("audit signing keys not reloaded, %s stays active: %s", self.active.name, error)  # noqa: TRY400 - the reason is the message
+            return False
+        active = self.active
+        log.info("audit signing keys reloaded: %s (key ID %s) is active", active.name, active.key_id.hex())
+        return True
 
     def reload(self) -> None:
         """Read the directory again (another process may have rotated)."""

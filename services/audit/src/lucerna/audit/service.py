@@ -19,7 +19,7 @@ from lucerna.audit.anchoring import Anchorer, AnchorStore, GrpcLedger, MongoAnch
 from lucerna.audit.api import audit_routes
 from lucerna.audit.appender import GroupAppender
 from lucerna.audit.auditevent_api import auditevent_routes
-from lucerna.audit.checkpoints import Checkpoint, sign
+from lucerna.audit.checkpoints import Checkpoint, SignedCheckpoint, sign
 from lucerna.audit.grpc_api import AppendApi, build_append_api
 from lucerna.audit.keys import Keyring
 from lucerna.audit.local_ledger import plan as plan_local_ledger
@@ -69,11 +69,17 @@ class Checkpointer:
         if size == 0 or (latest is not None and latest.checkpoint.size >= size):
             return None
         checkpoint = Checkpoint(self.origin, size, await self.log.root(size))
-        # ML-DSA-65 signing takes milliseconds of CPU: off the event loop.
-        signed = await asyncio.to_thread(sign, checkpoint, self.keyring.active)
+        # ML-DSA-65 signing takes milliseconds of CPU: off the event loop, with the look for a
+        # rotated key (a directory listing every few seconds at most) before it.
+        signed = await asyncio.to_thread(self._sign, checkpoint)
         await self.log.add_checkpoint(signed)
         self.signed.set()
         return checkpoint
+
+    def _sign(self, checkpoint: Checkpoint) -> SignedCheckpoint:
+        """Signed by the newest key in the key directory (a rotation takes effect without a restart)."""
+        self.keyring.refresh()
+        return sign(checkpoint, self.keyring.active)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Checkpoint until ``stopping`` is set."""
@@ -167,7 +173,7 @@ class AuditService:
         settings = self.settings
         audit_log = build_log(resources.settings)
         await audit_log.start()
-        key_dir = settings.key_dir or resources.settings.data_dir / "audit-keys"
+        key_dir = settings.key_directory(resources.settings.data_dir)
         keyring = await asyncio.to_thread(Keyring, key_dir, settings.origin)
         accesses = await asyncio.to_thread(build_accesses, resources.settings, key_dir)
         await accesses.start()

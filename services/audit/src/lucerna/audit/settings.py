@@ -15,7 +15,8 @@ class AuditSettings(BaseSettings):
 
     # The log's name in its checkpoints (C2SP tlog-checkpoint origin): a schema-less URL.
     origin: str = "lucerna.local/audit-log"
-    # Where the ML-DSA-65 signing keys live (default: <LUCERNA_DATA_DIR>/audit-keys); private keys 0600.
+    # Where the ML-DSA-65 signing keys and the PHI at-rest keys live (default:
+    # <LUCERNA_DATA_DIR>/audit-keys); private keys 0600. `lucerna audit-keys` lists and rotates them.
     key_dir: Path | None = None
     # A checkpoint is signed once this many entries arrived since the last one, or after the interval.
     checkpoint_every: int = Field(default=1000, ge=1)
@@ -44,3 +45,7 @@ class AuditSettings(BaseSettings):
     grpc_max_message_bytes: int = Field(default=64 * 1024, ge=8 * 1024)
     # Appends one session may have in flight before the server stops reading its stream.
     grpc_max_in_flight: int = Field(default=256, ge=1)
+
+    def key_directory(self, data_dir: Path) -> Path:
+        """The signing and PHI at-rest keys' directory: ``key_dir``, else ``<data_dir>/audit-keys``."""
+        return self.key_dir or data_dir / "audit-keys"

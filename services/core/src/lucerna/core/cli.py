@@ -22,6 +22,7 @@ from lucerna.core.bootstrap import build_resources
 from lucerna.core.http import create_app
 from lucerna.core.service import HasCompanion, HasReindex, Service, discover
 from lucerna.core.settings import CoreSettings
+from lucerna.core.storage.ports import ReindexRunningError
 from lucerna.core.workers import claim_port, reuse_port_socket, supervise
 
 COMPANION_STOP_SECONDS = 15.0
@@ -53,17 +54,30 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("report")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--base-url", default="http://127.0.0.1:8080")
+    keys = commands.add_parser(
+        "audit-keys", help="list or rotate the audit log's signing keys and PHI at-rest keys"
+    )
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    listing = keys_commands.add_parser("list", help="the keys (never private material), newest first")
+    listing.add_argument("--json", action="store_true", help="as JSON")
+    rotating = keys_commands.add_parser(
+        "rotate", help="make a new signing key the active one (old ones keep verifying)"
+    )
+    rotating.add_argument(
+        "--phi", action="store_true", help="rotate the PHI at-rest key instead (old ones keep opening)"
+    )
+    for keys_command in (listing, rotating):
+        keys_command.add_argument(
+            "--key-dir",
+            type=Path,
+            help="the key directory (default: LUCERNA_AUDIT_KEY_DIR, else <LUCERNA_DATA_DIR>/audit-keys)",
+        )
     args = parser.parse_args(argv)
 
     settings = CoreSettings()
     installed = discover()
-    if args.command in ("verify", "export-proof"):
-        auditing = importlib.import_module("lucerna.audit.cli")  # the audit package, when installed
-        if args.command == "export-proof":
-            return int(auditing.export_proof(args.report, args.out, args.base_url))
-        if (args.report is None) == (args.offline is None):
-            parser.error("verify needs a report id or --offline BUNDLE (one of them)")
-        return int(auditing.verify(args.report, offline=args.offline, keys=args.keys, base_url=args.base_url))
+    if args.command in ("verify", "export-proof", "audit-keys"):
+        return _audit_command(parser, args)
     if args.command == "services":
         print("\n".join(sorted(installed)))
         return 0
@@ -75,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"no index to rebuild in {', '.join(unknown)}; indexed: {', '.join(indexed)}")
         for name in chosen:
-            print(f"{name}: {asyncio.run(indexed[name].reindex(build_resources(settings)))}")
+            try:
+                print(f"{name}: {asyncio.run(indexed[name].reindex(build_resources(settings)))}")
+            except ReindexRunningError as error:
+                print(f"lucerna reindex: {name}: {error}", file=sys.stderr)
+                return 1
         return 0
     if args.command == "serve":
         if args.service not in installed:
@@ -86,6 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown service(s) {', '.join(unknown)}; installed: {', '.join(sorted(installed))}")
     return _run(settings, [installed[name] for name in chosen], "lucerna")
+
+
+def _audit_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The auditor's and the operator's commands, from the audit package (when installed)."""
+    auditing = importlib.import_module("lucerna.audit.cli")
+    if args.command == "audit-keys":
+        if args.keys_command == "list":
+            return int(auditing.list_keys(args.key_dir, as_json=args.json))
+        return int(auditing.rotate_keys(args.key_dir, phi_key=args.phi))
+    if args.command == "export-proof":
+        return int(auditing.export_proof(args.report, args.out, args.base_url))
+    if (args.report is None) == (args.offline is None):
+        parser.error("verify needs a report id or --offline BUNDLE (one of them)")
+    return int(auditing.verify(args.report, offline=args.offline, keys=args.keys, base_url=args.base_url))
 
 
 def _run(settings: CoreSettings, services: list[Service], name: str) -> int:

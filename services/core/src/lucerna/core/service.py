@@ -79,7 +79,8 @@ class HasReindex(Protocol):
     """A service with a derived search index that ``lucerna reindex`` rebuilds from its store."""
 
     async def reindex(self, resources: Resources) -> str:
-        """Open what it needs, empty and refill the index, close; what was done, for people."""
+        """Open what it needs, rebuild the index from the store and swap it in (searches answer
+        throughout; ``ReindexRunningError`` while another reindex runs), close; what was done."""
         ...
 
 

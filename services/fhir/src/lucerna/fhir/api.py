@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from functools import cache
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
 from starlette.convertors import PathConvertor, StringConvertor, register_url_convertor
@@ -61,6 +62,7 @@ from lucerna.fhir.search import (
     SearchRequest,
     Summary,
     date_range,
+    paging_links,
     params_of,
     parse_search,
     reference_criterion,
@@ -99,6 +101,7 @@ Handler = Callable[[Request, Repository, Principal], Awaitable[Response]]
 # Types another service serves under /fhir (the audit service: AuditEvent). This API's routes never
 # match them, whatever order the services' routes are in when they share one app (``lucerna up``).
 SERVED_ELSEWHERE = ("AuditEvent",)
+DISCLOSED = "disclosed"  # the request state's key of the stored versions an answer carries
 _NOT_ELSEWHERE = f"(?!(?:{'|'.join(SERVED_ELSEWHERE)})(?:/|$))"
 
 
@@ -267,26 +270,33 @@ class FhirApi:
         return Route(f"{FHIR_PATH}{typed}", endpoint, methods=ANY_METHOD, name=name)
 
     def _audit(self, request: Request, principal: Principal, interaction: str, response: Response) -> None:
-        """Queue the audit of a read of patient data (writes and other types are not reads of it)."""
+        """Queue the audit of a read of patient data (writes and other types are not reads of it):
+        what the handler disclosed (``_disclose``) and the request as asked, nothing parsed here."""
         resource_type = request.path_params["type"]
         auditor = self.auditor()
         if auditor is None or resource_type not in PATIENT_DATA_TYPES:
             return
-        if request.method not in ("GET", "HEAD") and interaction != "search-type":
+        method = request.method
+        if method not in ("GET", "HEAD") and interaction != "search-type":
             return
+        scope = request.scope
         id = request.path_params.get("id")
-        form = getattr(request.state, "search_form", "")
-        asked = "&".join(part for part in (request.url.query, form) if part)
+        state = scope.get("state") or {}
+        asked = scope["query_string"].decode("latin-1")
+        form = state.get("search_form")
+        if form:
+            asked = f"{asked}&{form}" if asked else form
+        status = response.status_code
         auditor.note(
             FhirRead(
                 actor=principal.subject,
                 interaction=interaction,
                 resource_type=resource_type,
                 reference=f"{resource_type}/{id}" if id else "",
-                query=request.url.path + (f"?{asked}" if asked else ""),
-                status=response.status_code,
-                body=bytes(response.body) if response.status_code < 300 else None,
-                at=datetime.now(UTC),
+                query=f"{scope['path']}?{asked}" if asked else scope["path"],
+                status=status,
+                disclosed=state.get(DISCLOSED, ()) if status < 300 else (),
+                at=time.time(),
                 request_id=correlation_id.get() or "",
                 traceparent=request.headers.get("traceparent"),
             )
@@ -330,6 +340,7 @@ class FhirApi:
         stored = await repository.store.read(resource_type, id)
         if stored is None:
             raise FhirError(404, f"{resource_type}/{id} is not known")
+        _disclose(request, [stored])
         return _version_response(request, stored)
 
     async def vread(self, request: Request, repository: Repository, _: Principal) -> Response:
@@ -339,6 +350,7 @@ class FhirApi:
         stored = await repository.store.vread(resource_type, id, version) if version else None
         if stored is None:
             raise FhirError(404, f"{resource_type}/{id} has no version {vid}")
+        _disclose(request, [stored])
         return _version_response(request, stored)
 
     async def instance_history(self, request: Request, repository: Repository, _: Principal) -> Response:
@@ -369,11 +381,12 @@ class FhirApi:
         versions, total = await repository.store.history(
             resource_type, id, since=since, count=count, offset=offset
         )
+        _disclose(request, versions)
         base = self._base(request)
         path = f"{base}/{resource_type}" + (f"/{id}" if id else "") + "/_history"
         used = [(name, value) for name, value in pairs if name not in ignored]
         entries = [_history_entry(base, stored) for stored in versions]
-        links = _links(path, used, count=count, offset=offset, total=total, found=len(versions))
+        links = paging_links(path, used, count=count, offset=offset, total=total, found=len(versions))
         return _bundle("history", total, links, entries)
 
     # --- Search ----------------------------------------------------------------------------------
@@ -395,13 +408,14 @@ class FhirApi:
         notes = [f"ignored: {', '.join(parsed.ignored)}"] if parsed.ignored else []
         added = await self._included(repository, parsed, page.resources, notes)
         entries += [_entry(base, stored, "include", stored.body) for stored in added]
+        _disclose(request, [*page.resources, *added])
         if notes:
             warning = operation_outcome("; ".join(notes), code="informational", severity="warning")
             entries.append(
                 b'{"fullUrl":"urn:uuid:%s","resource":%s,"search":{"mode":"outcome"}}'
                 % (uuid.uuid4().hex.encode(), _dumps(warning))
             )
-        links = _links(
+        links = paging_links(
             f"{base}/{resource_type}",
             list(parsed.used),
             count=parsed.query.count,
@@ -585,6 +599,12 @@ class FhirApi:
 
 
 # --- Helpers -------------------------------------------------------------------------------------
+
+
+def _disclose(request: Request, resources: list[StoredResource]) -> None:
+    """Note the stored versions an answer carries, for its audit (``FhirApi._audit``): the worker
+    finds their patients in them, so the response is never parsed again."""
+    setattr(request.state, DISCLOSED, resources)
 
 
 def _resource_type(request: Request) -> str:
@@ -857,34 +877,6 @@ def _history_entry(base: str, stored: StoredResource) -> bytes:
         _dumps(request),
         _dumps(response),
     )
-
-
-def _links(
-    path: str, used: list[tuple[str, str]], *, count: int, offset: int, total: int | None, found: int
-) -> list[Json]:
-    """``self`` (the parameters used, as asked) and, for a paged result, ``first``/``previous``/
-    ``next``/``last`` (``next`` without a total: when the page came back full)."""
-
-    def url(pairs: list[tuple[str, str]]) -> str:
-        return f"{path}?{urlencode(pairs)}" if pairs else path
-
-    links: list[Json] = [{"relation": "self", "url": url(used)}]
-    if count == 0:
-        return links
-    kept = [(name, value) for name, value in used if name not in ("_count", "_offset")]
-
-    def page(start: int) -> str:
-        return url([*kept, ("_count", str(count)), ("_offset", str(start))])
-
-    links.append({"relation": "first", "url": page(0)})
-    if offset > 0:
-        links.append({"relation": "previous", "url": page(max(0, offset - count))})
-    more = offset + count < total if total is not None else found == count
-    if more:
-        links.append({"relation": "next", "url": page(offset + count)})
-    if total is not None:
-        links.append({"relation": "last", "url": page(max(0, (total - 1) // count * count))})
-    return links
 
 
 def _bundle(kind: str, total: int | None, links: list[Json], entries: list[bytes]) -> Response:

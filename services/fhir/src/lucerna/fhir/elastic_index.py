@@ -12,17 +12,23 @@ parameter's [start, end) is a pair of longs, ``dates.<param>.start``/``.end``, i
 microseconds: FHIR instants may carry them, ``date`` fields keep milliseconds, and
 ``datetime.min``/``max`` stand for open periods. The body is kept as an unindexed keyword without
 doc values (no length limit applies), so a search answers without asking the store.
+
+The index's name is an alias over a concrete generation, and ``rebuild`` fills the next one while
+this one answers, then swaps them (``lucerna.core.storage.elastic_alias``, ADR 0020). While a
+rebuild runs every write goes to both; external versions keep the copy from replacing a newer
+version that a write put in the new index meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from elasticsearch import AsyncElasticsearch, BadRequestError
+from elasticsearch import AsyncElasticsearch
 
 from lucerna.core.storage.elastic import answers
+from lucerna.core.storage.elastic_alias import AliasedIndex, Operation
 from lucerna.fhir.store import (
     Criterion,
     DateComparator,
@@ -68,6 +74,7 @@ class ElasticResourceIndex:
         self._url = url
         self._index = index
         self._client: AsyncElasticsearch | None = None
+        self._aliased = AliasedIndex(index, _MAPPINGS, _SETTINGS, lambda: self.client)
 
     @property
     def client(self) -> Any:
@@ -77,18 +84,10 @@ class ElasticResourceIndex:
         return self._client
 
     async def start(self) -> None:
-        """Connect and create the index with its mapping if absent."""
+        """Connect, and create the first generation and its alias if absent."""
         if self._client is None:
             self._client = AsyncElasticsearch(self._url, request_timeout=30)
-        if not await self.client.indices.exists(index=self._index):
-            await self._create()
-
-    async def _create(self) -> None:
-        try:
-            await self.client.indices.create(index=self._index, mappings=_MAPPINGS, settings=_SETTINGS)
-        except BadRequestError as error:
-            if error.error != "resource_already_exists_exception":  # created meanwhile by another process
-                raise
+        await self._aliased.ensure()
 
     async def close(self) -> None:
         """Close the connections."""
@@ -102,31 +101,9 @@ class ElasticResourceIndex:
 
     async def index(self, items: Sequence[tuple[StoredResource, IndexEntries]]) -> None:
         """Index each version unless a newer one is (one bulk request, returning once searchable)."""
-        operations: list[dict[str, Any]] = []
-        for stored, entries in items:
-            operations += [
-                {
-                    "index": {
-                        "_index": self._index,
-                        "_id": stored.reference,
-                        "version": stored.version_id,
-                        "version_type": "external",
-                    }
-                },
-                _source(stored, entries),
-            ]
-        if not operations:
-            return
-        response = await self.client.bulk(operations=operations, refresh="wait_for")
-        if response["errors"]:
-            failures = [
-                result["error"]
-                for item in response["items"]
-                for result in item.values()
-                if "error" in result and result.get("status") != _CONFLICT
-            ]
-            if failures:
-                raise RuntimeError(f"Elasticsearch refused {len(failures)} resources: {failures[0]}")
+        operations = [_operation(stored, entries) for stored, entries in items]
+        if operations:
+            _refused(await self._aliased.write(lambda _: operations))
 
     async def search(self, query: SearchQuery) -> SearchPage:
         """The matching resources in the query's order, a page of them and (if asked) the total."""
@@ -148,10 +125,49 @@ class ElasticResourceIndex:
         total = hits["total"]["value"] if query.with_total else None
         return SearchPage([_stored(hit["_source"]) for hit in hits["hits"]], total)
 
+    async def rebuild(self, items: AsyncIterable[Sequence[tuple[StoredResource, IndexEntries]]]) -> int:
+        """Fill a new generation with ``items`` while this one answers, then swap them; the number
+        of resources. ``ReindexRunningError`` when another rebuild runs."""
+
+        async def fill(target: str) -> int:
+            count = 0
+            async for batch in items:
+                if batch:
+                    lines: list[dict[str, Any]] = []
+                    for stored, entries in batch:
+                        params = {"version": stored.version_id, "version_type": "external"}
+                        action = {"index": {"_index": target, "_id": stored.reference, **params}}
+                        lines += [action, _source(stored, entries)]
+                    response = await self.client.bulk(operations=lines)
+                    _refused([result for item in response["items"] for result in item.values()])
+                    count += len(batch)
+            return count
+
+        return await self._aliased.rebuild(fill)
+
     async def clear(self) -> None:
-        """Delete and recreate the index."""
-        await self.client.indices.delete(index=self._index, ignore_unavailable=True)
-        await self._create()
+        """Replace the index by an empty generation (tests and tools)."""
+
+        async def nothing() -> AsyncIterator[Sequence[tuple[StoredResource, IndexEntries]]]:
+            return
+            yield
+
+        await self.rebuild(nothing())
+
+
+def _operation(stored: StoredResource, entries: IndexEntries) -> Operation:
+    """Index this version unless a newer one is (external versioning)."""
+    params = {"version": stored.version_id, "version_type": "external"}
+    return Operation("index", stored.reference, _source(stored, entries), params)
+
+
+def _refused(results: Sequence[dict[str, Any]]) -> None:
+    """Raise for the failed bulk actions other than a newer version kept (409)."""
+    failures = [
+        result["error"] for result in results if "error" in result and result.get("status") != _CONFLICT
+    ]
+    if failures:
+        raise RuntimeError(f"Elasticsearch refused {len(failures)} resources: {failures[0]}")
 
 
 def _source(stored: StoredResource, entries: IndexEntries) -> dict[str, Any]:

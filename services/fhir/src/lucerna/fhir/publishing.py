@@ -201,6 +201,12 @@ def resource_id(resource_type: str, *key: str) -> str:
     return hashlib.sha256("\n".join((resource_type, *key)).encode("utf-8")).hexdigest()[:32]
 
 
+def patient_resource_id(patient_id: str, issuer: str | None, settings: PublishingSettings) -> str:
+    """The id of the Patient of a DICOM PatientID from this issuer: the one publishing files the
+    study under, and the one the audit service indexes DICOMweb reads under (so both agree)."""
+    return resource_id("Patient", settings.patient_system(issuer), patient_id)
+
+
 def publication(
     completed: events_pb2.InferenceCompleted, study: StudyFacts, settings: PublishingSettings
 ) -> Publication:
@@ -300,7 +306,7 @@ def imaging_resources(
             f"study {study.study_instance_uid} has no PatientID: no Patient to file it under"
         )
     endpoint = _build(Endpoint, _endpoint(settings))
-    patient = _build(Patient, _patient(study, settings.patient_system(study.issuer_of_patient_id)))
+    patient = _build(Patient, _patient(study, settings))
     imaging_study = _build(
         ImagingStudy, _imaging_study(study, f"Patient/{patient.id}", f"Endpoint/{endpoint.id}")
     )
@@ -402,10 +408,11 @@ def _endpoint(settings: PublishingSettings) -> Json:
     }
 
 
-def _patient(study: StudyFacts, system: str) -> Json:
+def _patient(study: StudyFacts, settings: PublishingSettings) -> Json:
+    system = settings.patient_system(study.issuer_of_patient_id)
     data: Json = {
         "resourceType": "Patient",
-        "id": resource_id("Patient", system, study.patient_id),
+        "id": patient_resource_id(study.patient_id, study.issuer_of_patient_id, settings),
         "identifier": [{"use": "usual", "system": system, "value": study.patient_id}],
     }
     if study.issuer_of_patient_id:

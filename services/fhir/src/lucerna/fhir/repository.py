@@ -5,7 +5,7 @@ write repairs an index that missed the first one."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from lucerna.fhir.search import SEARCHABLE_TYPES, index_entries
 from lucerna.fhir.store import (
@@ -41,14 +41,14 @@ class Repository:
         return deleted
 
     async def rebuild_index(self) -> int:
-        """Empty the index and fill it again from the store; the number of resources indexed."""
-        await self.index.clear()
-        done = 0
+        """Rebuild the index from the store and swap it in while searches go on (``ResourceIndex.
+        rebuild``); the number of resources indexed."""
+        return await self.index.rebuild(self._current())
+
+    async def _current(self) -> AsyncIterator[list[tuple[StoredResource, IndexEntries]]]:
         for resource_type in SEARCHABLE_TYPES:
             async for batch in self.store.iterate_current(resource_type):
-                await self.index.index([(stored, entries(stored)) for stored in batch])
-                done += len(batch)
-        return done
+                yield [(stored, entries(stored)) for stored in batch]
 
 
 def entries(stored: StoredResource) -> IndexEntries:

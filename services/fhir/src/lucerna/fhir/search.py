@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlencode
 
 from lucerna.fhir.store import (
     Criterion,
@@ -692,3 +693,31 @@ _DATE_TESTS: Mapping[DateComparator, Callable[[datetime, datetime, datetime, dat
     DateComparator.SA: lambda start, _end, _low, high: start >= high,
     DateComparator.EB: lambda _start, end, low, _high: end <= low,
 }
+
+
+def paging_links(
+    path: str, used: list[tuple[str, str]], *, count: int, offset: int, total: int | None, found: int
+) -> list[dict[str, str]]:
+    """``self`` (the parameters used, as asked) and, for a paged result, ``first``/``previous``/
+    ``next``/``last`` (``next`` without a total: when the page came back full)."""
+
+    def url(pairs: list[tuple[str, str]]) -> str:
+        return f"{path}?{urlencode(pairs)}" if pairs else path
+
+    links = [{"relation": "self", "url": url(used)}]
+    if count == 0:
+        return links
+    kept = [(name, value) for name, value in used if name not in ("_count", "_offset")]
+
+    def page(start: int) -> str:
+        return url([*kept, ("_count", str(count)), ("_offset", str(start))])
+
+    links.append({"relation": "first", "url": page(0)})
+    if offset > 0:
+        links.append({"relation": "previous", "url": page(max(0, offset - count))})
+    more = offset + count < total if total is not None else found == count
+    if more:
+        links.append({"relation": "next", "url": page(offset + count)})
+    if total is not None:
+        links.append({"relation": "last", "url": page(max(0, (total - 1) // count * count))})
+    return links

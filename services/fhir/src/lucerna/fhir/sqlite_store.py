@@ -5,7 +5,7 @@ Store tables: ``fhir_versions`` (every version, the body as UTF-8 JSON, NULL for
 ``fhir_resources`` (which version of each resource is current). A ``write`` of several resources is
 one ``BEGIN IMMEDIATE`` transaction: all or nothing.
 
-Index tables (derived, emptied by ``clear``): ``fhir_index`` (the newest indexed version of each
+Index tables (derived, rebuilt in one transaction): ``fhir_index`` (the newest indexed version of each
 resource and whether it is findable, i.e. not a deletion), and its entries: ``fhir_index_terms``
 (exact keys), ``fhir_index_strings`` (matched by prefix as a range ``[prefix, successor)`` so the
 primary key serves it) and ``fhir_index_dates`` (each date parameter's [start, end) in epoch
@@ -17,7 +17,7 @@ A search selects keys from the entry tables and returns the indexed versions' bo
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,15 @@ class SqliteResources(SqliteBacked):
 
         return await self._db.read(work)
 
+    async def rebuild(self, items: AsyncIterable[Sequence[tuple[StoredResource, IndexEntries]]]) -> int:
+        """Re-index ``items`` and drop the entries of resources the store does not hold, in one
+        transaction: searches see the old index until it commits. A version that ``index`` wrote
+        meanwhile is kept when newer than the one read here; one as new is indexed again from
+        ``items`` (so new entries of an unchanged version replace old ones). The write transaction
+        serialises rebuilds: a second one only repeats the work."""
+        collected = [item async for batch in items for item in batch]
+        return await self._db.write(lambda c: _rebuild_index(c, collected))
+
     async def clear(self) -> None:
         """Forget every index entry (the store's tables stay)."""
         await self._db.script(_CLEAR_INDEX)
@@ -326,12 +335,27 @@ def _index_all(c: sqlite3.Connection, items: Sequence[tuple[StoredResource, Inde
         _index(c, stored, entries)
 
 
-def _index(c: sqlite3.Connection, stored: StoredResource, entries: IndexEntries) -> None:
+def _rebuild_index(c: sqlite3.Connection, items: Sequence[tuple[StoredResource, IndexEntries]]) -> int:
+    gone = (
+        "SELECT key FROM fhir_index AS i WHERE NOT EXISTS (SELECT 1 FROM fhir_resources AS r"
+        " WHERE r.resource_type = i.resource_type AND r.id = i.id)"
+    )
+    for table in ("fhir_index_terms", "fhir_index_strings", "fhir_index_dates", "fhir_index"):
+        c.execute(f"DELETE FROM {table} WHERE key IN ({gone})")  # noqa: S608 - fixed names
+    for stored, entries in items:
+        _index(c, stored, entries, again=True)
+    return len(items)
+
+
+def _index(
+    c: sqlite3.Connection, stored: StoredResource, entries: IndexEntries, *, again: bool = False
+) -> None:
+    """Index this version unless it or a newer one is (``again``: unless a newer one is)."""
     row = c.execute(
         "SELECT key, version_id FROM fhir_index WHERE resource_type = ? AND id = ?",
         (stored.resource_type, stored.id),
     ).fetchone()
-    if row is not None and row[1] >= stored.version_id:
+    if row is not None and (row[1] > stored.version_id or (row[1] == stored.version_id and not again)):
         return
     if row is None:
         key = c.execute(

@@ -8,7 +8,7 @@ keeps only the newest version of a resource, by ``version_id``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -252,6 +252,13 @@ class ResourceIndex(Protocol):
 
     async def search(self, query: SearchQuery) -> SearchPage: ...
 
+    async def rebuild(self, items: AsyncIterable[Sequence[tuple[StoredResource, IndexEntries]]]) -> int:
+        """Replace the whole index by ``items`` (every current resource of the store, in batches);
+        the number indexed. Searches answer from the old content until the new one replaces it at
+        once, and what ``index`` writes meanwhile is not lost (ADR 0020). Raises
+        ``ReindexRunningError`` while another rebuild of the same index runs."""
+        ...
+
     async def clear(self) -> None:
-        """Forget everything (before a rebuild)."""
+        """Forget everything (tests and tools; ``lucerna reindex`` uses ``rebuild``)."""
         ...

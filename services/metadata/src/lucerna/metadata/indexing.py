@@ -1,5 +1,6 @@
 """Search-index maintenance: a loop that copies changed studies from the metadata store (the truth)
-into the search index (derived), and ``reindex``, which rebuilds the index from scratch.
+into the search index (derived), and ``reindex``, which rebuilds the index from the store and swaps
+it in while searches go on (ADR 0020).
 
 The loop is safe to run in every replica at once: the store hands out change versions and clears a
 study's mark only if it did not change again meanwhile, and indexing a study twice is harmless.
@@ -112,20 +113,10 @@ class Indexer:
             INDEX_LAG.set(await self.metadata.index_lag_seconds())
 
 
-async def rebuild(metadata: MetadataStore, search: SearchIndex, batch: int = BATCH) -> int:
-    """Drop the index and write every study of the store into it; the number of studies."""
-    await search.reset()
-    count = 0
-    chunk: list[DicomJson] = []
-    async for study in metadata.iter_studies():
-        chunk.append(study)
-        if len(chunk) >= batch:
-            await search.index_studies(chunk)
-            count += len(chunk)
-            chunk = []
-    if chunk:
-        await search.index_studies(chunk)
-        count += len(chunk)
+async def rebuild(metadata: MetadataStore, search: SearchIndex) -> int:
+    """Replace the index's content by every study of the store, without an empty moment (the index
+    swaps in its new content at once: ``SearchIndex.rebuild``); the number of studies."""
+    count = await search.rebuild(metadata.iter_studies())
     INDEXED.inc(count)
     return count
 

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
 from lucerna.core.service import Resources
+from lucerna.core.storage.ports import InstanceRecord, StudyPatient
 from lucerna.metadata import multipart
 from lucerna.metadata.errors import NotAcceptableError
 from lucerna.metadata.frames import OCTET_STREAM, parse_frame_list
@@ -39,9 +40,19 @@ def _uids(request: Request) -> tuple[str, str | None, str | None]:
     return params["study"], params.get("series"), params.get("instance")
 
 
-def _read(request: Request) -> Read:
+def _read(request: Request, records: Sequence[InstanceRecord]) -> Read:
+    """What was served, with the study's patient as the records served name it (no other read)."""
     study, series, instance = _uids(request)
-    return Read(study_uids=[study], series_uid=series or "", sop_instance_uid=instance or "")
+    attributes = records[0].attributes if records else {}
+    patient = StudyPatient(
+        str(attributes.get("PatientID") or ""), str(attributes.get("IssuerOfPatientID") or "")
+    )
+    return Read(
+        study_uids=[study],
+        series_uid=series or "",
+        sop_instance_uid=instance or "",
+        patients={study: patient},
+    )
 
 
 def _retrieve(resources: Resources) -> Handler:
@@ -52,13 +63,13 @@ def _retrieve(resources: Resources) -> Handler:
         if not representation.multipart:
             data = await read_blob(resources.blobs, records[0])
             media_type = f"{DICOM}; transfer-syntax={records[0].transfer_syntax_uid}"
-            return Response(data, media_type=media_type), _read(request)
+            return Response(data, media_type=media_type), _read(request, records)
         boundary = multipart.new_boundary()
         chunks = multipart.stream_parts(instance_parts(resources.blobs, records, base), boundary)
         body = await primed(chunks)
         return (
             StreamingResponse(body, media_type=multipart.content_type(DICOM, boundary)),
-            _read(request),
+            _read(request, records),
         )
 
     return handler
@@ -73,9 +84,8 @@ def _metadata(resources: Resources) -> Handler:
                 f" {accept_of(request)!r}"
             )
         records = await find_instances(resources.metadata, *_uids(request))
-        return JSONResponse(instance_metadata(records, base_of(request)), media_type=media_type), _read(
-            request
-        )
+        body = instance_metadata(records, base_of(request))
+        return JSONResponse(body, media_type=media_type), _read(request, records)
 
     return handler
 
@@ -88,7 +98,7 @@ def _frames(resources: Resources) -> Handler:
         frames = await load_frames(resources.blobs, record)
         selected = frames.select(numbers)
         negotiate_frames(accept_of(request), frames)
-        return _multipart(frame_parts(frames, selected), frames.media_type), _read(request)
+        return _multipart(frame_parts(frames, selected), frames.media_type), _read(request, [record])
 
     return handler
 
@@ -99,9 +109,9 @@ def _bulkdata(resources: Resources) -> Handler:
         parts, frames = await load_bulkdata(resources.blobs, record, request.path_params["path"])
         if frames is not None:
             negotiate_frames(accept_of(request), frames)
-            return _multipart(parts, frames.media_type), _read(request)
+            return _multipart(parts, frames.media_type), _read(request, [record])
         _negotiate_octets(accept_of(request))
-        return _multipart(parts, OCTET_STREAM), _read(request)
+        return _multipart(parts, OCTET_STREAM), _read(request, [record])
 
     return handler
 

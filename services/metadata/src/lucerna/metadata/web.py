@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from lucerna.core.logging import correlation_id
 from lucerna.core.service import Resources
+from lucerna.core.storage.ports import StudyPatient
 from lucerna.metadata.audit import PatientDataRead, publish_read
 from lucerna.metadata.errors import DicomWebError
 from lucerna.metadata.urls import dicomweb_base
@@ -29,6 +30,8 @@ class Read:
     study_uids: list[str] = field(default_factory=list)
     series_uid: str = ""
     sop_instance_uid: str = ""
+    # Study UID -> its patient, where the handler holds it already (the others are looked up after).
+    patients: dict[str, StudyPatient] = field(default_factory=dict)
 
 
 Handler = Callable[[Request], Awaitable[tuple[Response, Read]]]
@@ -58,7 +61,9 @@ def guarded(resources: Resources, path: str, handler: Handler, name: str) -> Rou
                     sop_instance_uid=read.sop_instance_uid,
                     request_id=correlation_id.get() or "",
                     traceparent=request.headers.get("traceparent"),
+                    patients=read.patients,
                 ),
+                resources.metadata,
             )
         return response
 

@@ -12,20 +12,28 @@ stores keep them), so that ``query_studies`` answers study-level attribute queri
 would (ADR 0004). The index refreshes every 250 ms and a bulk write returns once a refresh made it
 searchable, so a study is searchable when the indexer marks it indexed; ``refresh()`` makes
 everything indexed so far searchable at once, for tests and tools.
+
+The index's name is an alias over a concrete generation, and ``rebuild`` fills the next one while
+this one answers, then swaps them (``elastic_alias``, ADR 0020). While a rebuild runs, the indexer
+writes to both; the copy only creates documents, so a study the indexer wrote meanwhile is
+never overwritten by the copy's older read, and a study removed meanwhile becomes an empty
+document there (a tombstone the copy cannot recreate it over) that no query matches and that is
+deleted after the swap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Any
 
-from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, TransportError
+from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
 from lucerna.core.dicom.attributes import STUDY_ATTRIBUTES, TAGS, derive
 from lucerna.core.storage import _qido, _search
 from lucerna.core.storage._qido import Condition
+from lucerna.core.storage.elastic_alias import AliasedIndex, Operation
 from lucerna.core.storage.ports import DicomJson, Query
 
 log = logging.getLogger(__name__)
@@ -79,6 +87,9 @@ _STUDY_ORDER = [
     {"match.StudyInstanceUID": {"order": "asc"}},
 ]
 _TEXT_FIELDS = ("name_text", "ids", "descriptions")
+_REBUILD_BATCH = 500
+_CONFLICT = 409  # ``create`` of a document a writer put there first
+_STUDY_DOCUMENT = {"exists": {"field": "study_uid"}}  # not a tombstone left by a rebuild
 
 
 class ElasticSearchIndex:
@@ -89,6 +100,7 @@ class ElasticSearchIndex:
         self._index = index
         self._client: AsyncElasticsearch | None = None
         self._answers_queries = False  # the index's documents carry what query_studies needs
+        self._aliased = AliasedIndex(index, _MAPPINGS, _SETTINGS, lambda: self.client)
 
     @property
     def client(self) -> Any:
@@ -98,22 +110,10 @@ class ElasticSearchIndex:
         return self._client
 
     async def start(self) -> None:
-        """Connect and create the index with its mapping if absent."""
+        """Connect, create the first generation and its alias if absent, and check the schema."""
         self._client = AsyncElasticsearch(self._url, request_timeout=30)
-        if not await self.client.indices.exists(index=self._index):
-            await self._create()
-        else:
-            await self._check_schema()
-
-    async def _create(self) -> None:
-        try:
-            await self.client.indices.create(index=self._index, mappings=_MAPPINGS, settings=_SETTINGS)
-        except BadRequestError as error:
-            if error.error != "resource_already_exists_exception":  # created meanwhile by another process
-                raise
-            await self._check_schema()
-        else:
-            self._answers_queries = True
+        await self._aliased.ensure()
+        await self._check_schema()
 
     async def _check_schema(self) -> None:
         """Answer queries from an index of the current schema; upgrade an older one's mapping so that
@@ -142,22 +142,27 @@ class ElasticSearchIndex:
     async def index_studies(self, studies: Sequence[DicomJson]) -> None:
         """Add, replace or drop (tombstones) study documents in one bulk request, which returns once
         they are searchable."""
-        operations: list[dict[str, Any]] = []
+        operations: list[Operation] = []
+        removed: list[str] = []
         for study in studies:
             document = _search.study_document(study)
-            target = {"_index": self._index, "_id": document.study_uid}
             if _search.is_tombstone(study):
-                operations.append({"delete": target})
+                removed.append(document.study_uid)
             else:
-                operations += [{"index": target}, _source(document, study)]
-        if not operations:
-            return
-        response = await self.client.bulk(operations=operations, refresh="wait_for")
-        if response["errors"]:
-            failures = [
-                result["error"] for item in response["items"] for result in item.values() if "error" in result
-            ]
-            raise RuntimeError(f"Elasticsearch refused {len(failures)} study documents: {failures[0]}")
+                operations.append(Operation("index", document.study_uid, _source(document, study)))
+
+        def actions(rebuilding: bool) -> list[Operation]:
+            # In the index being rebuilt a removal leaves an empty document: the copy cannot bring
+            # back the study it read before the removal over it.
+            if rebuilding:
+                return [*operations, *(Operation("index", uid, {}) for uid in removed)]
+            return [*operations, *(Operation("delete", uid) for uid in removed)]
+
+        failures = await self._aliased.write(actions)
+        if failures:
+            raise RuntimeError(
+                f"Elasticsearch refused {len(failures)} study documents: {failures[0]['error']}"
+            )
 
     async def query_studies(self, query: Query) -> list[DicomJson] | None:
         """Study-level queries on the study attributes, answered from the documents' copy of the
@@ -170,7 +175,8 @@ class ElasticSearchIndex:
             return None
         try:
             response = await self.client.options(request_timeout=_QUERY_TIMEOUT_SECONDS).search(
-                index=self._index, query=translated, size=query.limit, from_=query.offset,
+                index=self._index, query={"bool": {"filter": [_STUDY_DOCUMENT, translated]}},
+                size=query.limit, from_=query.offset,
                 sort=_STUDY_ORDER, source=["study"], track_total_hits=False,
             )
         except (ApiError, TransportError) as error:
@@ -218,10 +224,75 @@ class ElasticSearchIndex:
         )
         return [str(hit["_id"]) for hit in response["hits"]["hits"]]
 
+    async def rebuild(self, studies: AsyncIterable[DicomJson]) -> int:
+        """Fill a new generation with ``studies`` while this one answers, then swap them; the
+        number of studies. ``ReindexRunningError`` when another rebuild runs."""
+
+        async def fill(target: str) -> int:
+            count = 0
+            chunk: list[DicomJson] = []
+            async for study in studies:
+                chunk.append(study)
+                if len(chunk) >= _REBUILD_BATCH:
+                    count += await self._copy(target, chunk)
+                    chunk = []
+            if chunk:
+                count += await self._copy(target, chunk)
+            return count
+
+        count = await self._aliased.rebuild(fill)
+        self._answers_queries = True  # the new generation has the current schema
+        await self._drop_tombstones()
+        return count
+
+    async def _copy(self, target: str, studies: Sequence[DicomJson]) -> int:
+        """``create`` the studies' documents in the new generation: what the indexer wrote there
+        meanwhile (newer than this read of the store) stays."""
+        operations: list[dict[str, Any]] = []
+        for study in studies:
+            if _search.is_tombstone(study):
+                continue
+            document = _search.study_document(study)
+            action = {"create": {"_index": target, "_id": document.study_uid}}
+            operations += [action, _source(document, study)]
+        if not operations:
+            return 0
+        response = await self.client.bulk(operations=operations)
+        if response["errors"]:
+            failures = [
+                result["error"] for item in response["items"] for result in item.values()
+                if "error" in result and result.get("status") != _CONFLICT
+            ]
+            if failures:
+                raise RuntimeError(f"Elasticsearch refused {len(failures)} study documents: {failures[0]}")
+        return len(operations) // 2
+
+    async def _drop_tombstones(self) -> None:
+        """Delete the empty documents that removals during the rebuild left, each only if unchanged
+        since read (``if_seq_no``): a study indexed again meanwhile stays."""
+        for _ in range(100):
+            response = await self.client.search(
+                index=self._index, query={"bool": {"must_not": [_STUDY_DOCUMENT]}},
+                size=1000, seq_no_primary_term=True, source=False,
+            )
+            hits = response["hits"]["hits"]
+            if not hits:
+                return
+            await self.client.bulk(refresh="wait_for", operations=[
+                {"delete": {"_index": hit["_index"], "_id": hit["_id"], "if_seq_no": hit["_seq_no"],
+                            "if_primary_term": hit["_primary_term"]}}
+                for hit in hits
+            ])
+
     async def reset(self) -> None:
-        """Drop and recreate the index."""
-        await self.client.indices.delete(index=self._index, ignore_unavailable=True)
-        await self._create()
+        """Replace the index by an empty generation (for tests and tools; searches never see a
+        missing index)."""
+
+        async def nothing() -> AsyncIterator[DicomJson]:
+            return
+            yield
+
+        await self.rebuild(nothing())
 
 
 def _study_query(query: Query) -> dict[str, Any] | None:

@@ -55,6 +55,7 @@ from lucerna.core.storage.ports import (
     PutOutcome,
     Query,
     ReadyStudy,
+    StudyPatient,
 )
 
 Document = dict[str, Any]
@@ -459,6 +460,21 @@ class MongoMetadataStore:
                 "dataset": _dumps(_qido.project(json.loads(instance["dataset"]), level)),
                 **_qido.level_fields(json.loads(instance["attributes"]), level),
             }})
+
+    async def study_patients(self, study_uids: Sequence[str]) -> dict[str, StudyPatient]:
+        """The patient of each stored study named."""
+        uids = list(dict.fromkeys(study_uids))
+        if not uids:
+            return {}
+        cursor = self._collection("study").find(
+            {"_id": {"$in": uids}}, {"PatientID": 1, "IssuerOfPatientID": 1}
+        )
+        return {
+            document["_id"]: StudyPatient(
+                document.get("PatientID") or "", document.get("IssuerOfPatientID") or ""
+            )
+            async for document in cursor
+        }
 
     async def query(self, query: Query) -> list[DicomJson]:
         """QIDO-RS matching at one level (see ``_qido``)."""

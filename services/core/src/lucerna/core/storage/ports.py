@@ -7,7 +7,7 @@ Adapters: ``blobs`` (filesystem), ``sqlite`` (embedded metadata + FTS5 search), 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -88,6 +88,14 @@ class Match:
 
 
 @dataclass(frozen=True)
+class StudyPatient:
+    """A study's patient as DICOM names it (``derive``'s values; "" when not sent)."""
+
+    patient_id: str
+    issuer_of_patient_id: str = ""
+
+
+@dataclass(frozen=True)
 class Query:
     """A QIDO-RS query resolved to matching conditions at one level."""
 
@@ -158,6 +166,11 @@ class MetadataStore(Protocol):
         NumberOfSeriesRelatedInstances). ``fuzzy`` matches are resolved by the caller into ``uids``."""
         ...
 
+    async def study_patients(self, study_uids: Sequence[str]) -> dict[str, StudyPatient]:
+        """The patient of each stored study named (studies not stored are left out): one read of
+        the study rows, for the audit records of QIDO-RS answers."""
+        ...
+
     async def mark_boundary(self, study_uids: Sequence[str], at: datetime) -> None:
         """An association ended or a STOW-RS request completed for these studies (their open bursts)."""
         ...
@@ -208,6 +221,10 @@ class MetadataStore(Protocol):
         ...
 
 
+class ReindexRunningError(RuntimeError):
+    """Another rebuild of the same search index is running (or was killed and left its lock)."""
+
+
 class SearchIndex(Protocol):
     """Derived, rebuildable full-text and fuzzy index over studies (patient name, ids, descriptions)."""
 
@@ -236,6 +253,13 @@ class SearchIndex(Protocol):
         """Study Instance UIDs ranked for a free-text query over names, ids and descriptions."""
         ...
 
+    async def rebuild(self, studies: AsyncIterable[DicomJson]) -> int:
+        """Replace the whole index by ``studies`` (the store's, for ``lucerna reindex``); the number
+        indexed. Searches answer from the old content until the new one replaces it at once, and
+        what ``index_studies`` writes meanwhile is not lost (ADR 0020). Raises
+        ``ReindexRunningError`` while another rebuild of the same index runs."""
+        ...
+
     async def reset(self) -> None:
-        """Drop and recreate the index (before a full rebuild)."""
+        """Empty the index (tests and tools; ``lucerna reindex`` uses ``rebuild``)."""
         ...

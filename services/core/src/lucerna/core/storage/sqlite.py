@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,9 +35,12 @@ from lucerna.core.storage.ports import (
     PutOutcome,
     Query,
     ReadyStudy,
+    ReindexRunningError,
+    StudyPatient,
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _TABLE: dict[Level, str] = {"study": "studies", "series": "series", "instance": "instances"}
 _ORDER: dict[Level, str] = {
@@ -301,6 +307,18 @@ class SqliteMetadataStore:
     async def delete_instance(self, sop_instance_uid: str) -> None:
         """Remove an instance and update its series and study."""
         await self._db.write(lambda c: _delete_instance(c, sop_instance_uid, time.time()))
+
+    async def study_patients(self, study_uids: Sequence[str]) -> dict[str, StudyPatient]:
+        """The patient of each stored study named."""
+        uids = list(dict.fromkeys(study_uids))
+        if not uids:
+            return {}
+        sql = (
+            "SELECT StudyInstanceUID, PatientID, IssuerOfPatientID FROM studies"  # noqa: S608 - placeholders only
+            f" WHERE StudyInstanceUID IN ({', '.join('?' * len(uids))})"
+        )
+        rows = await self._db.read(lambda c: c.execute(sql, uids).fetchall())
+        return {uid: StudyPatient(patient_id or "", issuer or "") for uid, patient_id, issuer in rows}
 
     async def query(self, query: Query) -> list[DicomJson]:
         """QIDO-RS matching at one level (see ``_qido``)."""
@@ -717,6 +735,14 @@ CREATE TABLE IF NOT EXISTS name_words (
     PRIMARY KEY (word, study_uid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS name_words_by_study ON name_words (study_uid);
+-- A rebuild in progress (at most one: the lock) and the studies index_studies wrote meanwhile.
+CREATE TABLE IF NOT EXISTS rebuilds (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    started REAL NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rebuild_writes (study_uid TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 _DROP_SEARCH = """
 DROP TABLE IF EXISTS study_text;
@@ -789,14 +815,78 @@ class SqliteSearchIndex:
         rows = await self._db.read(lambda c: c.execute(sql, (expression, limit, offset)).fetchall())
         return [uid for (uid,) in rows]
 
+    async def rebuild(self, studies: AsyncIterable[DicomJson]) -> int:
+        """Replace every document by ``studies`` in one transaction (readers see the old index until
+        it commits); the number of studies. Studies that ``index_studies`` wrote while ``studies``
+        was read keep what it wrote: it read the store after this, or its newer change is still
+        marked for the indexer. One rebuild at a time (``ReindexRunningError``)."""
+        me = (socket.gethostname(), os.getpid())
+        await self._db.write(lambda c: _start_rebuild(c, *me))
+        try:
+            documents = [
+                _search.study_document(study) async for study in studies if not _search.is_tombstone(study)
+            ]
+            return await self._db.write(lambda c: _replace_documents(c, documents))
+        finally:
+            await self._db.write(lambda c: c.execute("DELETE FROM rebuilds WHERE host = ? AND pid = ?", me))
+
     async def reset(self) -> None:
         """Drop and recreate the index."""
         await self._db.script(_DROP_SEARCH + _SEARCH_SCHEMA)
 
 
+def _start_rebuild(c: sqlite3.Connection, host: str, pid: int) -> None:
+    """Take the rebuild lock, or refuse while a live process holds it (a dead one's is taken over)."""
+    held = c.execute("SELECT started, host, pid FROM rebuilds").fetchone()
+    if held is not None:
+        started, holder, holder_pid = held
+        if holder != host or _alive(holder_pid):
+            when = datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds")
+            raise ReindexRunningError(
+                f"a reindex of the search index is already running (since {when}, process {holder_pid}"
+                f" on {holder}); wait for it to finish"
+            )
+        log.warning("taking over the search index rebuild of process %d, which is gone", holder_pid)
+    c.execute("DELETE FROM rebuilds")
+    c.execute("DELETE FROM rebuild_writes")
+    c.execute("INSERT INTO rebuilds (id, started, host, pid) VALUES (1, ?, ?, ?)", (time.time(), host, pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _replace_documents(c: sqlite3.Connection, documents: Sequence[_search.StudyDocument]) -> int:
+    """Every document replaced by ``documents``, except those index_studies wrote since the rebuild
+    began (kept as written); ends the rebuild."""
+    written = {uid for (uid,) in c.execute("SELECT study_uid FROM rebuild_writes")}
+    stale = "SELECT id FROM documents WHERE study_uid NOT IN (SELECT study_uid FROM rebuild_writes)"
+    c.execute(f"DELETE FROM study_text WHERE rowid IN ({stale})")  # noqa: S608 - fixed text
+    c.execute("DELETE FROM name_words WHERE study_uid NOT IN (SELECT study_uid FROM rebuild_writes)")
+    c.execute("DELETE FROM documents WHERE study_uid NOT IN (SELECT study_uid FROM rebuild_writes)")
+    kept = [document for document in documents if document.study_uid not in written]
+    _index_documents(c, kept, [])
+    c.execute("DELETE FROM rebuild_writes")
+    c.execute("DELETE FROM rebuilds")
+    return len(documents)
+
+
 def _index_documents(
-    c: sqlite3.Connection, documents: Sequence[_search.StudyDocument], removed: Sequence[str]
+    c: sqlite3.Connection,
+    documents: Sequence[_search.StudyDocument],
+    removed: Sequence[str],
 ) -> None:
+    if c.execute("SELECT 1 FROM rebuilds").fetchone() is not None:  # a rebuild keeps these as written
+        c.executemany(
+            "INSERT OR IGNORE INTO rebuild_writes (study_uid) VALUES (?)",
+            [(uid,) for uid in [*(document.study_uid for document in documents), *removed]],
+        )
     for document in documents:
         _index_document(c, document)
     for study_uid in removed:
