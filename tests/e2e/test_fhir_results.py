@@ -149,7 +149,9 @@ async def test_a_chest_ct_becomes_a_searchable_diagnostic_report(
     assert found.total == 1
     assert {ref.reference for ref in report.result} <= included
     provenance = [r for r in (e.resource for e in found.entry) if r.get_resource_type() == "Provenance"]
-    assert [p.target[0].reference for p in provenance] == [f"DiagnosticReport/{report.id}"]
+    assert [p.target[0].reference for p in provenance] == [f"DiagnosticReport/{report.id}"], (
+        f"{found.model_dump_json()[:2000]}\n{platform.log_tail()}"
+    )
 
     # The design notes' example.
     studies = await asyncio.to_thread(

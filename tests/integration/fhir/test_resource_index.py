@@ -33,6 +33,7 @@ from lucerna.fhir.store import (
     StoredResource,
     TermCriterion,
 )
+from tests.integration.elastic_indexes import drop
 
 DAY = timedelta(days=1)
 BASE = datetime(2024, 3, 1, tzinfo=UTC)
@@ -61,15 +62,13 @@ async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     store = SqliteResources(tmp_path / "fhir.sqlite")
     await store.start()
     index: ResourceIndex = store
+    name = f"fhir-test-{uuid.uuid4().hex}"
     if request.param == "elastic":
-        index = ElasticResourceIndex(
-            request.getfixturevalue("elasticsearch_url"), f"fhir-test-{uuid.uuid4().hex}"
-        )
+        index = ElasticResourceIndex(request.getfixturevalue("elasticsearch_url"), name)
         await index.start()
     yield Setup(index, store)
     if isinstance(index, ElasticResourceIndex):
-        behind = await index.client.indices.get_alias(name=index._index)  # the concrete generation (ADR 0020)
-        await index.client.indices.delete(index=",".join(behind))
+        await drop(index.client, name)
         await index.close()
     await store.close()
 

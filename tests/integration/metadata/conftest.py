@@ -7,6 +7,7 @@ import pytest
 from elasticsearch import AsyncElasticsearch
 from pymongo import AsyncMongoClient
 
+from tests.integration.elastic_indexes import drop
 from tests.integration.metadata.server_kit import server_resources
 from tests.unit.metadata.dicomweb_testkit import Env, running, seed
 
@@ -21,7 +22,7 @@ async def names(mongodb_url: str, elasticsearch_url: str) -> AsyncIterator[tuple
     await client.drop_database(database)
     await client.close()
     elastic = AsyncElasticsearch(elasticsearch_url)
-    await elastic.indices.delete(index=index, ignore_unavailable=True)
+    await drop(elastic, index)
     await elastic.close()
 
 

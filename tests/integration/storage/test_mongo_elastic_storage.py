@@ -13,6 +13,7 @@ from lucerna.core.storage.mongo import MongoMetadataStore
 from lucerna.core.storage.ports import Match, PutOutcome, Query
 from tests.contract.metadata_store import *  # noqa: F403 - the shared contract tests
 from tests.contract.metadata_store import index_all, make, three_studies
+from tests.integration.elastic_indexes import drop
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ async def search(elasticsearch_url: str) -> AsyncIterator[ElasticSearchIndex]:
     yield adapter
     await adapter.close()
     client = AsyncElasticsearch(elasticsearch_url)
-    await client.indices.delete(index=index, ignore_unavailable=True)
+    await drop(client, index)
     await client.close()
 
 
@@ -95,5 +96,5 @@ async def test_an_index_of_an_older_schema_leaves_queries_to_the_store(
         assert await adapter.query_studies(Query("study")) == await store.query(Query("study"))
     finally:
         await adapter.close()
-        await client.indices.delete(index=index, ignore_unavailable=True)
+        await drop(client, index)
         await client.close()

@@ -13,6 +13,7 @@ from lucerna.core.storage.elastic import ElasticSearchIndex
 from lucerna.core.storage.ports import DicomJson, ReindexRunningError
 from lucerna.fhir.elastic_index import ElasticResourceIndex
 from lucerna.fhir.store import IndexEntries, SearchQuery, StoredResource
+from tests.integration.elastic_indexes import concrete, drop
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +39,6 @@ async def slowly(items: Sequence[DicomJson], started: asyncio.Event) -> AsyncIte
     for item in items:
         await asyncio.sleep(0.05)
         yield item
-
-
-async def concrete(client: AsyncElasticsearch, alias: str) -> list[str]:
-    found = await client.options(ignore_status=404).indices.get_alias(name=alias)
-    return sorted(key for key, value in found.body.items() if isinstance(value, dict) and "aliases" in value)
-
-
-async def drop(client: AsyncElasticsearch, name: str) -> None:
-    for index in [*await concrete(client, name), *await concrete(client, f"{name}-rebuilding")]:
-        await client.indices.delete(index=index, ignore_unavailable=True)
-    await client.indices.delete(index=name, ignore_unavailable=True)
 
 
 async def searching(check: Callable[[], Awaitable[bool]], done: asyncio.Event) -> int:

@@ -63,6 +63,8 @@ async def test_a_ready_study_gets_one_job_and_one_request_per_matching_model(orc
     assert (routine.attempt, routine.timeout_seconds, routine.study_instance_uid) == (1, 60, "1.1")
     assert routine_envelope.message_id == f"inference-requested:{routine.job_id}:1"
     assert routine_envelope.correlation_id == routine.job_id
+    # The outbox flag is cleared just after the request is published: wait for it, not for timing.
+    await orchestra.until(lambda: _published(orchestra, routine.job_id))
     job = await orchestra.job(routine.job_id)
     assert (job.state, job.publish_pending, job.instance_count) == (JobState.QUEUED, False, 3)
     assert job.requested_at is not None
@@ -258,3 +260,7 @@ async def test_start_fails_fast_without_a_model_repository(tmp_path: Path) -> No
     service = OrchestratorService(orchestrator_settings(tmp_path, model_repository=tmp_path / "none"))
     with pytest.raises(ConfigurationError, match=r"LUCERNA_ORCHESTRATOR_MODEL_REPOSITORY.*not a folder"):
         await service.start(embedded_resources(tmp_path))
+
+
+async def _published(orchestra: Orchestra, job_id: str) -> bool:
+    return not (await orchestra.job(job_id)).publish_pending
