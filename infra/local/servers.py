@@ -78,6 +78,15 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _accepts(port: int) -> bool:
+    """True when something accepts TCP connections on the loopback port."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
@@ -919,7 +928,8 @@ class FabricOrderer(_FabricNode):
         return [str(fabric_home() / "bin" / "orderer")]
 
     def _is_ready(self) -> bool:
-        return _ops_healthy(self.operations_port)
+        # Its operations endpoint answers before the admin API (osnadmin's) listens: wait for both.
+        return _ops_healthy(self.operations_port) and _accepts(self.admin_port)
 
 
 class FabricPeer(_FabricNode):
