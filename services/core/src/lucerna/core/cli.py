@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,14 +20,16 @@ from typing import Any
 import uvicorn
 
 from lucerna.core import logging as lucerna_logging
+from lucerna.core import worker_metrics
 from lucerna.core.bootstrap import build_resources
-from lucerna.core.http import create_app
 from lucerna.core.service import HasCompanion, HasReindex, Service, discover
 from lucerna.core.settings import CoreSettings
 from lucerna.core.storage.ports import ReindexRunningError
 from lucerna.core.workers import claim_port, reuse_port_socket, supervise
 
 COMPANION_STOP_SECONDS = 15.0
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = CoreSettings()
+    if args.command in ("up", "serve") and settings.workers > 1:
+        # Before the services' modules are imported: they create their metrics then (ADR 0021).
+        with worker_metrics.shared_across_workers():
+            return _command(parser, args, settings)
+    return _command(parser, args, settings)
+
+
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: CoreSettings) -> int:
     installed = discover()
     if args.command in ("verify", "export-proof", "audit-keys"):
         return _audit_command(parser, args)
@@ -121,6 +133,9 @@ def _audit_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def _run(settings: CoreSettings, services: list[Service], name: str) -> int:
+    # Imported here, once the metrics directory of several workers is set: it creates the metrics.
+    from lucerna.core.http import create_app  # noqa: PLC0415
+
     lucerna_logging.configure(name, settings.log_level)
     workers = settings.workers
     if workers > 1:
@@ -146,7 +161,16 @@ def _run(settings: CoreSettings, services: list[Service], name: str) -> int:
         if workers == 1:
             uvicorn.run(create_app(build_resources(settings), services), **_uvicorn_options(settings))
             return 0
-        return supervise(workers, functools.partial(_serve_worker, settings, services, name))
+        log.info(
+            "metrics of the worker processes summed from %s",
+            os.environ[worker_metrics.DIRECTORY_VARIABLE],
+        )
+        worker_metrics.discard_own_files()
+        return supervise(
+            workers,
+            functools.partial(_serve_worker, settings, services, name),
+            on_exit=worker_metrics.worker_exited,
+        )
 
 
 @contextlib.contextmanager
@@ -156,6 +180,9 @@ def _companions(settings: CoreSettings, services: list[Service]) -> Iterator[Non
     # uvicorn handles SIGTERM itself, then restores the handler it found and raises the signal
     # again; with the default handler the process would die there, before stopping companions.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Not the workers' metrics directory: a Python companion using prometheus_client would write
+    # its metrics into the workers' sums, and lose its files when the directory is removed.
+    companion_env = {k: v for k, v in os.environ.items() if k != worker_metrics.DIRECTORY_VARIABLE}
     try:
         for service in services:
             command = service.companion_command(settings) if isinstance(service, HasCompanion) else None
@@ -167,11 +194,15 @@ def _companions(settings: CoreSettings, services: list[Service]) -> Iterator[Non
                     file=sys.stderr,
                     flush=True,
                 )
-                with log_path.open("ab") as log:
+                with log_path.open("ab") as log_file:
                     # Its own session: a Ctrl-C in the terminal reaches the runner, which stops it in order.
                     processes.append(
                         subprocess.Popen(  # noqa: S603
-                            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                            command,
+                            stdout=log_file,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            env=companion_env,
                         )
                     )
         yield
@@ -194,6 +225,8 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _serve_worker(settings: CoreSettings, services: list[Service], name: str, index: int) -> None:
     """One worker process: every service of the command, on a socket shared with the others."""
     lucerna_logging.configure(name, settings.log_level, worker=index)
+    from lucerna.core.http import create_app  # noqa: PLC0415 - imported by _run before forking
+
     sock = reuse_port_socket(settings.http_host, settings.http_port)
     app = create_app(build_resources(settings), services)
     server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options(settings)))

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lucerna.core.logging import correlation_id
 from lucerna.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from lucerna.core.service import HasReadiness, Resources, Service
+from lucerna.core.worker_metrics import exposition
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def create_app(resources: Resources, services: Sequence[Service]) -> Starlette:
         )
 
     async def metrics(_: Request) -> Response:
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # Every worker's counts, whichever worker answers (ADR 0021).
+        return PlainTextResponse(exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

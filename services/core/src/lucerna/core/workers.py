@@ -61,8 +61,12 @@ def claim_port(host: str, port: int) -> int:
         return int(probe.getsockname()[1])
 
 
-def supervise(count: int, run: Callable[[int], None]) -> int:
-    """Run ``run(index)`` in ``count`` forked worker processes until they stop; the exit status."""
+def supervise(
+    count: int, run: Callable[[int], None], on_exit: Callable[[int], None] | None = None
+) -> int:
+    """Run ``run(index)`` in ``count`` forked worker processes until they stop; the exit status.
+
+    ``on_exit(pid)`` is called for each worker reaped (its metrics' bookkeeping, ADR 0021)."""
     context = multiprocessing.get_context("fork")
     workers: list[BaseProcess] = []
     stopping = False
@@ -110,6 +114,8 @@ def supervise(count: int, run: Callable[[int], None]) -> int:
                 deadline = time.monotonic() + STOP_GRACE_SECONDS
             for worker in ready:
                 worker.join()
+                if on_exit is not None and worker.pid is not None:
+                    on_exit(worker.pid)
                 if not stopping:
                     log.error(
                         "worker %s (pid %s) exited unexpectedly with status %s; stopping the others",

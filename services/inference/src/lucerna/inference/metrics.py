@@ -32,12 +32,23 @@ TRITON_ERRORS = Counter(
     "Triton requests that failed, by model and gRPC status",
     ["model", "status"],
 )
-TRITON_READY = Gauge("lucerna_inference_triton_ready", "1 while Triton answers and serves the models, else 0")
+# Gauges say how worker processes combine (ADR 0021): ready only while every worker sees Triton
+# ready; jobs summed over the workers.
+TRITON_READY = Gauge(
+    "lucerna_inference_triton_ready",
+    "1 while Triton answers and serves the models, else 0",
+    multiprocess_mode="livemin",
+)
 WAITING_FOR_TRITON = Gauge(
-    "lucerna_inference_jobs_waiting_for_triton", "Jobs held (not retried) while Triton is unavailable"
+    "lucerna_inference_jobs_waiting_for_triton",
+    "Jobs held (not retried) while Triton is unavailable",
+    multiprocess_mode="livesum",
 )
 QUEUED = Gauge(
-    "lucerna_inference_jobs_queued", "Jobs taken from the bus, waiting for a slot, by priority", ["priority"]
+    "lucerna_inference_jobs_queued",
+    "Jobs taken from the bus, waiting for a slot, by priority",
+    ["priority"],
+    multiprocess_mode="livesum",
 )
 RESULTS_REPUBLISHED = Counter(
     "lucerna_inference_results_republished_total",

@@ -16,7 +16,9 @@ INGEST_LATENCY = Histogram(
     ["transport"],
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-ASSOCIATIONS = Gauge("lucerna_ingestion_dimse_associations", "DIMSE associations open now")
+ASSOCIATIONS = Gauge(  # each worker's open associations, summed over the workers (ADR 0021)
+    "lucerna_ingestion_dimse_associations", "DIMSE associations open now", multiprocess_mode="livesum"
+)
 STUDIES_READY = Counter("lucerna_ingestion_studies_ready_total", "study.ready events published")
 EVENT_FAILURES = Counter(
     "lucerna_ingestion_event_failures_total",

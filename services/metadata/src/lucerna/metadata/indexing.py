@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INDEX_LAG = Gauge(
-    "lucerna_search_index_lag_seconds", "Age of the oldest study change not yet in the search index"
+INDEX_LAG = Gauge(  # every worker measures the one shared store: the latest measurement (ADR 0021)
+    "lucerna_search_index_lag_seconds",
+    "Age of the oldest study change not yet in the search index",
+    multiprocess_mode="livemostrecent",
 )
 INDEXED = Counter("lucerna_search_indexed_studies_total", "Study documents written to the search index")
 INDEX_FAILURES = Counter(

@@ -19,9 +19,10 @@ PUBLISH_FAILURES = Counter(
     "lucerna_orchestrator_publish_failures_total",
     "inference.requested events the bus refused (kept in the job outbox and published again)",
 )
-PUBLICATIONS_PENDING = Gauge(
+PUBLICATIONS_PENDING = Gauge(  # the workers sweep one shared job store: the last sweep (ADR 0021)
     "lucerna_orchestrator_publications_pending",
     "Due inference requests left unpublished by the last sweep (the bus refused them)",
+    multiprocess_mode="livemostrecent",
 )
 DEAD_LETTERS = Counter(
     "lucerna_orchestrator_dead_letters_total", "Dead letters recorded, by the queue they died in", ["queue"]
