@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from starlette.routing import BaseRoute
 
 from lucerna.core.cli import _companions
@@ -66,3 +67,31 @@ def test_a_companion_runs_while_the_runner_does_and_stops_with_it(tmp_path: Path
     assert not _alive(pid)
     assert not (tmp_path / "never").exists()
     assert (tmp_path / "with-companion-companion.log").exists()  # its output, apart from the runner's
+
+
+class _SharingAToken(_WithCompanion):
+    """As the local Triton and the local ledger do: the token is set as the companion is planned."""
+
+    name = "sharing"
+
+    def companion_command(self, settings: CoreSettings) -> list[str] | None:
+        os.environ["LUCERNA_TEST_COMPANION_TOKEN"] = "shared-with-the-workers"
+        get = "os.environ.get"
+        seen = f"{get}('LUCERNA_TEST_COMPANION_TOKEN', '') + '|' + {get}('PROMETHEUS_MULTIPROC_DIR', '')"
+        script = f"import os, time; open({str(self._pid_file)!r}, 'w').write({seen}); time.sleep(60)"
+        return [sys.executable, "-c", script]
+
+
+def test_a_companion_gets_what_its_service_set_but_not_the_workers_metrics_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = tmp_path / "seen"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    monkeypatch.delenv("LUCERNA_TEST_COMPANION_TOKEN", raising=False)
+    with _companions(CoreSettings(data_dir=tmp_path), [_SharingAToken(seen)]):
+        deadline = time.monotonic() + 10
+        while not seen.exists() or not seen.read_text():
+            assert time.monotonic() < deadline, "the companion did not start"
+            time.sleep(0.05)
+    os.environ.pop("LUCERNA_TEST_COMPANION_TOKEN", None)
+    assert seen.read_text() == "shared-with-the-workers|"

@@ -180,13 +180,15 @@ def _companions(settings: CoreSettings, services: list[Service]) -> Iterator[Non
     # uvicorn handles SIGTERM itself, then restores the handler it found and raises the signal
     # again; with the default handler the process would die there, before stopping companions.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    # Not the workers' metrics directory: a Python companion using prometheus_client would write
-    # its metrics into the workers' sums, and lose its files when the directory is removed.
-    companion_env = {k: v for k, v in os.environ.items() if k != worker_metrics.DIRECTORY_VARIABLE}
     try:
         for service in services:
             command = service.companion_command(settings) if isinstance(service, HasCompanion) else None
             if command:
+                # Taken after companion_command, which may set what the companion and the workers
+                # share (tokens); without the workers' metrics directory: a Python companion using
+                # prometheus_client would write into the workers' sums and lose its files at the end.
+                companion_env = dict(os.environ)
+                companion_env.pop(worker_metrics.DIRECTORY_VARIABLE, None)
                 settings.data_dir.mkdir(parents=True, exist_ok=True)
                 log_path = settings.data_dir / f"{service.name}-companion.log"
                 print(
