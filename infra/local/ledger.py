@@ -129,23 +129,6 @@ class KeptFabricNetwork(servers.FabricNetwork):
         self.package_id = state["package_id"]
         self.started_in = time.monotonic() - began
 
-    def _wait_for_chaincode(self, deadline: float) -> None:
-        """Until both peers answer a chaincode query ("not found" for a probe origin is an answer)."""
-        probe = "lucerna.local/fabric-readiness-probe"
-        while True:
-            failures = []
-            for org in self.orgs:
-                try:
-                    self.query("Latest", probe, org=org)
-                except servers.FabricError as error:
-                    if "not found" not in str(error):
-                        failures.append(str(error))
-            if not failures:
-                return
-            if time.monotonic() > deadline:
-                raise servers.FabricError("the anchors chaincode does not answer:\n" + "\n".join(failures))
-            time.sleep(0.5)
-
 
 class LocalLedger:
     """The network and the anchor service, under ``folder`` (``fabric/``, ``anchor/``)."""

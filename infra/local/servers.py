@@ -897,6 +897,11 @@ class _FabricNode(Server):
     def ports(self) -> tuple[int, ...]:
         return self._ports
 
+    @property
+    def url(self) -> str:
+        """Its gRPC endpoint, on the first of its ports."""
+        return f"{LOOPBACK}:{self._ports[0]}"
+
     def configure(self, **settings: str) -> None:
         """Add environment settings for the next start."""
         self._settings.update(settings)
@@ -920,10 +925,6 @@ class FabricOrderer(_FabricNode):
         super().__init__(base_dir, settings, ports=ports)
         self.port, self.admin_port, self.operations_port = ports
 
-    @property
-    def url(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
     def _command(self) -> list[str]:
         return [str(fabric_home() / "bin" / "orderer")]
 
@@ -940,10 +941,6 @@ class FabricPeer(_FabricNode):
     def __init__(self, base_dir: Path, settings: Mapping[str, str], *, ports: tuple[int, ...]) -> None:
         super().__init__(base_dir, settings, ports=ports)
         self.port, self.chaincode_port, self.operations_port = ports
-
-    @property
-    def url(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
 
     def _command(self) -> list[str]:
         return [str(fabric_home() / "bin" / "peer"), "node", "start"]
@@ -1494,8 +1491,11 @@ class FabricNetwork:
             org="org1",
             user="Admin",
         )
-        # The chaincode answers once both peers have the definition and have dialled the server:
-        # "not found" for an origin never anchored is the contract's own answer.
+        self._wait_for_chaincode(deadline)
+
+    def _wait_for_chaincode(self, deadline: float) -> None:
+        """Until both peers answer a chaincode query: once both have the definition and have
+        dialled the server. "Not found" for an origin never anchored is the contract's own answer."""
         probe = "lucerna.local/fabric-readiness-probe"
         while True:
             failures = []

@@ -17,9 +17,10 @@ import servers  # infra/local/servers.py, on the path tests/conftest.py sets up
 
 from lucerna.anchoring.v1 import anchoring_pb2 as pb
 from lucerna.anchoring.v1.anchoring_pb2_grpc import AnchorsStub
-from lucerna.audit.checkpoints import Checkpoint, SignedCheckpoint, sign
+from lucerna.audit.checkpoints import SignedCheckpoint
 from lucerna.audit.keys import Keyring
-from lucerna.audit.log import LogEntry, SqliteAuditLog
+from lucerna.audit.log import SqliteAuditLog
+from tests.integration.fabric.log_kit import grow, signed_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -35,18 +36,6 @@ async def anchors(anchor_service: servers.AnchorService) -> AsyncIterator[Anchor
 @pytest.fixture
 def auth(anchor_service: servers.AnchorService) -> Metadata:
     return (("authorization", f"Bearer {anchor_service.token}"),)
-
-
-async def _grow(log: SqliteAuditLog, count: int, prefix: str = "record") -> None:
-    start = await log.size()
-    await log.append(
-        [LogEntry(f"{prefix}-{i}", f"{prefix} {i}".encode()) for i in range(start, start + count)]
-    )
-
-
-async def _checkpoint(log: SqliteAuditLog, keyring: Keyring, origin: str) -> SignedCheckpoint:
-    size = await log.size()
-    return sign(Checkpoint(origin, size, await log.root(size)), keyring.active)
 
 
 def _where(anchored: pb.Anchored) -> tuple[object, ...]:
@@ -78,8 +67,8 @@ async def test_anchors_checkpoints_and_reads_them_back_from_the_ledger(
     # Registering the same key again changes nothing: the answer names the registering transaction.
     assert (await anchors.RegisterLogKey(request, metadata=auth)).transaction_id == registered.transaction_id
 
-    await _grow(audit_log, 5)
-    first = await _checkpoint(audit_log, keyring, origin)
+    await grow(audit_log, 5)
+    first = await signed_checkpoint(audit_log, keyring, origin)
     anchored_first = await anchors.Anchor(
         pb.AnchorRequest(origin=origin, checkpoint=first.note()), metadata=auth
     )
@@ -92,8 +81,8 @@ async def test_anchors_checkpoints_and_reads_them_back_from_the_ledger(
     assert anchored_first.block_number > 0
     assert abs(anchored_first.committed_at.ToDatetime().timestamp() - time.time()) < 300
 
-    await _grow(audit_log, 8)
-    grown = await _checkpoint(audit_log, keyring, origin)
+    await grow(audit_log, 8)
+    grown = await signed_checkpoint(audit_log, keyring, origin)
     proof = await audit_log.consistency_proof(5, 13)
     anchored_grown = await anchors.Anchor(
         pb.AnchorRequest(origin=origin, checkpoint=grown.note(), consistency_proof=proof), metadata=auth
@@ -120,8 +109,8 @@ async def test_anchors_checkpoints_and_reads_them_back_from_the_ledger(
     assert missing.value.details() == f'not found: no checkpoint of size 7 anchored for origin "{origin}"'
 
     # A flipped byte in the signature of an honest checkpoint: the chaincode refuses the note.
-    await _grow(audit_log, 3)
-    honest = await _checkpoint(audit_log, keyring, origin)
+    await grow(audit_log, 3)
+    honest = await signed_checkpoint(audit_log, keyring, origin)
     honest_proof = await audit_log.consistency_proof(13, 16)
     signature = honest.signatures[0]
     flipped = bytes([signature.signature[0] ^ 0x01]) + signature.signature[1:]
@@ -139,8 +128,8 @@ async def test_anchors_checkpoints_and_reads_them_back_from_the_ledger(
     rewritten_log = SqliteAuditLog(tmp_path / "rewritten.sqlite")
     await rewritten_log.start()
     try:
-        await _grow(rewritten_log, 16, prefix="rewritten")
-        rewritten = await _checkpoint(rewritten_log, keyring, origin)
+        await grow(rewritten_log, 16, prefix="rewritten")
+        rewritten = await signed_checkpoint(rewritten_log, keyring, origin)
         own_proof = await rewritten_log.consistency_proof(13, 16)
     finally:
         await rewritten_log.close()

@@ -13,23 +13,12 @@ from typing import Any
 import pytest
 import servers  # infra/local/servers.py, on the path tests/conftest.py sets up
 
-from lucerna.audit.checkpoints import Checkpoint, SignedCheckpoint, sign
+from lucerna.audit.checkpoints import SignedCheckpoint
 from lucerna.audit.keys import Keyring
-from lucerna.audit.log import LogEntry, SqliteAuditLog
+from lucerna.audit.log import SqliteAuditLog
+from tests.integration.fabric.log_kit import grow, signed_checkpoint
 
 pytestmark = pytest.mark.integration
-
-
-async def _grow(log: SqliteAuditLog, count: int, prefix: str = "record") -> None:
-    start = await log.size()
-    await log.append(
-        [LogEntry(f"{prefix}-{i}", f"{prefix} {i}".encode()) for i in range(start, start + count)]
-    )
-
-
-async def _checkpoint(log: SqliteAuditLog, keyring: Keyring, origin: str) -> SignedCheckpoint:
-    size = await log.size()
-    return sign(Checkpoint(origin, size, await log.root(size)), keyring.active)
 
 
 def _proof_json(proof: list[bytes]) -> str:
@@ -51,16 +40,16 @@ async def test_anchors_real_checkpoints_and_refuses_forged_or_inconsistent_ones(
     (registered,) = json.loads(fabric.query("LogKeys", origin))
     assert (registered["keyName"], registered["keyId"]) == (key.name, key.key_id.hex())
 
-    await _grow(audit_log, 5)
-    first = await _checkpoint(audit_log, keyring, origin)
+    await grow(audit_log, 5)
+    first = await signed_checkpoint(audit_log, keyring, origin)
     fabric.invoke("Anchor", origin, first.note(), "")
     latest = _record(fabric.query("Latest", origin))
     assert (latest["treeSize"], latest["rootHash"]) == (5, base64.b64encode(first.checkpoint.root).decode())
     assert latest["signedBy"] == [key.name]
     assert latest["checkpoint"] == first.note()
 
-    await _grow(audit_log, 8)
-    grown = await _checkpoint(audit_log, keyring, origin)
+    await grow(audit_log, 8)
+    grown = await signed_checkpoint(audit_log, keyring, origin)
     proof = await audit_log.consistency_proof(5, 13)
     fabric.invoke("Anchor", origin, grown.note(), _proof_json(proof))
     assert _record(fabric.query("Latest", origin))["treeSize"] == 13
@@ -70,8 +59,8 @@ async def test_anchors_real_checkpoints_and_refuses_forged_or_inconsistent_ones(
     assert by_size["txId"] == latest["txId"]
 
     # A flipped byte in the signature: the endorsing peers' chaincode refuses the note.
-    await _grow(audit_log, 3)
-    honest = await _checkpoint(audit_log, keyring, origin)
+    await grow(audit_log, 3)
+    honest = await signed_checkpoint(audit_log, keyring, origin)
     signature = honest.signatures[0]
     flipped = bytes([signature.signature[0] ^ 0x01]) + signature.signature[1:]
     forged = SignedCheckpoint(honest.checkpoint, (replace(signature, signature=flipped),))
@@ -89,8 +78,8 @@ async def test_anchors_real_checkpoints_and_refuses_forged_or_inconsistent_ones(
     rewritten_log = SqliteAuditLog(tmp_path / "rewritten.sqlite")
     await rewritten_log.start()
     try:
-        await _grow(rewritten_log, 16, prefix="rewritten")
-        rewritten = await _checkpoint(rewritten_log, keyring, origin)
+        await grow(rewritten_log, 16, prefix="rewritten")
+        rewritten = await signed_checkpoint(rewritten_log, keyring, origin)
         own_proof = await rewritten_log.consistency_proof(13, 16)
     finally:
         await rewritten_log.close()
